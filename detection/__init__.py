@@ -1,0 +1,1 @@
+"""3D detection on the perception3d core: voxel detectors, heads, training glue."""

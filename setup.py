@@ -1,0 +1,32 @@
+"""perception3d: sparse 3D perception and rendering toolkit.
+
+Install with the README's command (it pins the CPU build of torch first):
+    pip install -e .[test]
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="perception3d",
+    version="0.1.0",
+    description="Sparse 3D perception (spconv detectors) and Gaussian splatting on one core",
+    python_requires=">=3.10",
+    packages=find_packages(include=["perception3d*", "detection*", "splatting*"]),
+    install_requires=[
+        # torch is pinned by the install script (CPU build from local disk); a looser
+        # range here is satisfied by it and pulls nothing more.
+        "torch>=2.1",
+        "spconv==2.3.8",
+        "numpy>=1.24",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+        "tensorboard>=2.14",
+        "matplotlib>=3.7",
+        "pillow>=10",
+        "shapely>=2.0",
+    ],
+    extras_require={
+        "viewer": ["open3d-cpu==0.20.0"],
+        "nerfstudio": ["nerfstudio==1.1.5"],
+        "test": ["pytest>=8", "open3d-cpu==0.20.0"],
+    },
+)

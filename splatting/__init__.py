@@ -1,0 +1,1 @@
+"""Gaussian splatting (built in a later issue)."""
