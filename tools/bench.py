@@ -1,0 +1,36 @@
+"""Run one benchmark: `python tools/bench.py NAME [--repeats N]`.
+
+Each benchmark lives in `tools/benchmarks/NAME.py` with `run(repeats: int) -> dict`; the result is
+printed as the last line, one JSON object (see DESIGN.md).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+
+def available() -> list[str]:
+    return sorted(p.stem for p in (HERE / "benchmarks").glob("*.py") if not p.stem.startswith("_"))
+
+
+def main() -> None:
+    names = available()
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("name", choices=names)
+    ap.add_argument("--repeats", type=int, default=5, help="timed repeats (median reported)")
+    args = ap.parse_args()
+    spec = importlib.util.spec_from_file_location(f"bench_{args.name}", HERE / "benchmarks" / f"{args.name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    result = mod.run(repeats=args.repeats)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
