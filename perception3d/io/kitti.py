@@ -1,0 +1,319 @@
+"""KITTI 3D object reader (the standard on-disk layout) -> numpy frames.
+
+Layout read::
+
+    root/ImageSets/{train,val,...}.txt          frame ids, one per line (optional)
+    root/{split}/velodyne/XXXXXX.bin            float32 [N, 4] x, y, z, reflectance (LiDAR frame)
+    root/{split}/image_2/XXXXXX.png             left colour image
+    root/{split}/calib/XXXXXX.txt               P0-P3, R0_rect, Tr_velo_to_cam
+    root/{split}/label_2/XXXXXX.txt             one object per line (camera frame)
+    root/{split}/radar/XXXXXX.bin               float32 [K, 6] (synthetic data only, optional)
+
+Label boxes are converted to the toolkit's LiDAR box convention `(x, y, z, dx, dy, dz, yaw)`
+(`perception3d/design.md`) through the calibration: the camera bottom-centre is mapped with
+`T_lidar_cam` and raised by h/2 along LiDAR z; the heading `(cos ry, 0, -sin ry)` of the camera box
+is matched in the LiDAR x-y plane (for the standard axis swap this is `yaw = -ry - pi/2`). The
+convention is that of `geometry.boxes` (numpy here, so the reader needs no torch).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from perception3d.errors import DataError
+from perception3d.geometry.camera import KittiCalibration
+from perception3d.io.pointcloud import read_kitti_bin
+from perception3d.structures import CLASSES
+
+__all__ = [
+    "LABEL_FORMAT",
+    "KittiLabels",
+    "KittiFrame",
+    "KittiDataset",
+    "read_label",
+    "write_label",
+    "camera_boxes_to_lidar",
+    "lidar_boxes_to_camera",
+]
+
+LABEL_FORMAT = "type truncated occluded alpha x1 y1 x2 y2 h w l x y z rotation_y"
+_EXPECTED = f"15 fields: {LABEL_FORMAT} (16 with a trailing score)"
+
+
+@dataclass(frozen=True)
+class KittiLabels:
+    """The objects of one KITTI label file, as parallel arrays (M objects).
+
+    Attributes:
+        names: `[M]` str, object type ("Car", "Pedestrian", "DontCare", ...).
+        truncated: `[M]` float32 in [0, 1] (-1 for DontCare).
+        occluded: `[M]` int32, 0 visible .. 3 unknown (-1 for DontCare).
+        alpha: `[M]` float32 observation angle, radians.
+        bbox2d: `[M, 4]` float32 (x1, y1, x2, y2) pixels in image_2.
+        dims_hwl: `[M, 3]` float32 (height, width, length) metres.
+        loc_cam: `[M, 3]` float32 bottom centre in the rectified camera frame, metres.
+        rotation_y: `[M]` float32 rotation about camera +y, radians.
+        score: `[M]` float32 detection score, or None for ground truth.
+    """
+
+    names: np.ndarray
+    truncated: np.ndarray
+    occluded: np.ndarray
+    alpha: np.ndarray
+    bbox2d: np.ndarray
+    dims_hwl: np.ndarray
+    loc_cam: np.ndarray
+    rotation_y: np.ndarray
+    score: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.names.shape[0])
+
+    @classmethod
+    def empty(cls) -> "KittiLabels":
+        z = np.zeros(0, np.float32)
+        return cls(np.zeros(0, dtype="<U16"), z, np.zeros(0, np.int32), z, np.zeros((0, 4), np.float32),
+                   np.zeros((0, 3), np.float32), np.zeros((0, 3), np.float32), z, None)
+
+    @property
+    def boxes_cam(self) -> np.ndarray:
+        """`[M, 7]` KITTI camera boxes `(x, y, z, h, w, l, ry)` (bottom centre)."""
+        return np.concatenate([self.loc_cam, self.dims_hwl, self.rotation_y[:, None]], axis=1)
+
+    def select(self, mask: np.ndarray) -> "KittiLabels":
+        """Subset by a boolean mask or index array."""
+        return KittiLabels(self.names[mask], self.truncated[mask], self.occluded[mask], self.alpha[mask],
+                           self.bbox2d[mask], self.dims_hwl[mask], self.loc_cam[mask], self.rotation_y[mask],
+                           None if self.score is None else self.score[mask])
+
+
+def read_label(path: str | Path) -> KittiLabels:
+    """Parse a KITTI `label_2/XXXXXX.txt` file.
+
+    Raises:
+        DataError: missing file, or a line without 15 (16 with score) fields / non-numeric value,
+            naming `file:line` and the expected format.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: label file not found")
+    names, rows, scores = [], [], []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        tok = line.split()
+        if not tok:
+            continue
+        if len(tok) not in (15, 16):
+            raise DataError(f"{path}:{lineno}: expected {_EXPECTED}; got {len(tok)} fields: {line.strip()!r}")
+        try:
+            vals = [float(t) for t in tok[1:]]
+        except ValueError:
+            raise DataError(f"{path}:{lineno}: non-numeric value; expected {_EXPECTED}; got {line.strip()!r}") \
+                from None
+        if not np.isfinite(vals).all():
+            raise DataError(f"{path}:{lineno}: NaN or inf value; expected {_EXPECTED}")
+        names.append(tok[0])
+        rows.append(vals[:14])
+        scores.append(vals[14] if len(tok) == 16 else None)
+    if not rows:
+        return KittiLabels.empty()
+    has_score = [s is not None for s in scores]
+    if any(has_score) and not all(has_score):
+        raise DataError(f"{path}: some lines have a score (16 fields) and some do not; expected all or none")
+    a = np.asarray(rows, dtype=np.float64)
+    return KittiLabels(
+        names=np.asarray(names),
+        truncated=a[:, 0].astype(np.float32),
+        occluded=a[:, 1].astype(np.int32),
+        alpha=a[:, 2].astype(np.float32),
+        bbox2d=a[:, 3:7].astype(np.float32),
+        dims_hwl=a[:, 7:10].astype(np.float32),
+        loc_cam=a[:, 10:13].astype(np.float32),
+        rotation_y=a[:, 13].astype(np.float32),
+        score=np.asarray(scores, np.float32) if all(has_score) else None,
+    )
+
+
+def write_label(path: str | Path, labels: KittiLabels) -> None:
+    """Write labels in KITTI text form (2 decimals, as the official files)."""
+    lines = []
+    for i in range(len(labels)):
+        vals = [labels.truncated[i], labels.occluded[i], labels.alpha[i], *labels.bbox2d[i], *labels.dims_hwl[i],
+                *labels.loc_cam[i], labels.rotation_y[i]]
+        s = f"{labels.names[i]} {vals[0]:.2f} {int(vals[1])} " + " ".join(f"{v:.2f}" for v in vals[2:])
+        if labels.score is not None:
+            s += f" {labels.score[i]:.4f}"
+        lines.append(s)
+    Path(path).write_text("\n".join(lines) + ("\n" if lines else ""))
+
+
+# ------------------------------------------------------------------------------------------------
+# box conversions (through the calibration, not a hard-coded axis swap)
+# ------------------------------------------------------------------------------------------------
+def camera_boxes_to_lidar(boxes_cam: np.ndarray, calib: KittiCalibration) -> np.ndarray:
+    """KITTI camera boxes `[M, 7] (x, y, z, h, w, l, ry)` (bottom centre) -> LiDAR boxes `[M, 7]`.
+
+    Same convention as `geometry.boxes.kitti_camera_to_boxes_lidar` (and OpenPCDet): the bottom
+    centre is mapped with `T_lidar_cam`, then raised by h/2 along LiDAR z; the yaw is the LiDAR
+    x-y direction whose camera image has heading `(cos ry, 0, -sin ry)` in the camera x-z plane,
+    so `lidar_boxes_to_camera` inverts this exactly for any calibration.
+
+    Returns:
+        `(x, y, z, dx=l, dy=w, dz=h, yaw)` float64, centre-based, LiDAR frame, yaw in [-pi, pi).
+    """
+    b = np.asarray(boxes_cam, np.float64).reshape(-1, 7)
+    h, w, l, ry = b[:, 3], b[:, 4], b[:, 5], b[:, 6]
+    centre = calib.cam_to_lidar(b[:, :3])
+    centre[:, 2] += h / 2.0
+    R = calib.T_cam_lidar[:3, :3]
+    zero = np.zeros_like(ry)
+    normal = np.stack([np.sin(ry), zero, np.cos(ry)], axis=1) @ R  # R^T n, n normal to the heading
+    heading = np.stack([np.cos(ry), zero, -np.sin(ry)], axis=1) @ R
+    dx, dy = -normal[:, 1], normal[:, 0]  # in-plane direction with R d perpendicular to n
+    flip = dx * heading[:, 0] + dy * heading[:, 1] < 0
+    dx, dy = np.where(flip, -dx, dx), np.where(flip, -dy, dy)
+    yaw = _wrap(np.arctan2(dy, dx))
+    return np.concatenate([centre, l[:, None], w[:, None], h[:, None], yaw[:, None]], axis=1)
+
+
+def lidar_boxes_to_camera(boxes_lidar: np.ndarray, calib: KittiCalibration) -> np.ndarray:
+    """LiDAR boxes `[M, 7] (x, y, z, dx, dy, dz, yaw)` -> KITTI camera boxes `[M, 7] (x, y, z, h, w, l, ry)`.
+
+    The bottom centre (centre minus dz/2 along LiDAR z) is mapped with `T_cam_lidar`; the heading
+    `(cos yaw, sin yaw, 0)` is rotated into the camera and `ry = atan2(-d_z, d_x)`, in [-pi, pi).
+    """
+    b = np.asarray(boxes_lidar, np.float64).reshape(-1, 7)
+    bottom = b[:, :3].copy()
+    bottom[:, 2] -= b[:, 5] / 2.0
+    bottom_cam = calib.lidar_to_cam(bottom)
+    R = calib.T_cam_lidar[:3, :3]
+    heading = np.stack([np.cos(b[:, 6]), np.sin(b[:, 6]), np.zeros(len(b))], axis=1) @ R.T
+    ry = _wrap(np.arctan2(-heading[:, 2], heading[:, 0]))
+    return np.concatenate([bottom_cam, b[:, 5:6], b[:, 4:5], b[:, 3:4], ry[:, None]], axis=1)
+
+
+def _wrap(angle: np.ndarray) -> np.ndarray:
+    """Wrap radians into [-pi, pi)."""
+    return angle - np.floor(angle / (2 * np.pi) + 0.5) * 2 * np.pi
+
+
+# ------------------------------------------------------------------------------------------------
+# frames and the dataset
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KittiFrame:
+    """One KITTI frame.
+
+    Attributes:
+        frame_id: e.g. "000008".
+        points_lidar: `float32 [N, 4]` (x, y, z metres, reflectance).
+        image: `uint8 [H, W, 3]` RGB, or None when not loaded.
+        calib: the frame's calibration.
+        labels: all label lines (DontCare included), in file order.
+        boxes_lidar: `float32 [M, 7]` LiDAR boxes aligned with `labels`; DontCare rows are NaN.
+        radar: `float32 [K, 6]` (x, y, z, radial velocity m/s, rcs, object id) or None.
+    """
+
+    frame_id: str
+    points_lidar: np.ndarray
+    image: np.ndarray | None
+    calib: KittiCalibration
+    labels: KittiLabels
+    boxes_lidar: np.ndarray
+    radar: np.ndarray | None = None
+    image_shape: tuple[int, int] | None = field(default=None)  # (H, W) when known
+
+    def gt_boxes(self, classes: Sequence[str] = CLASSES) -> tuple[np.ndarray, np.ndarray]:
+        """Ground truth of the given classes: `(boxes [K, 7] float32, class ids [K] int64)`."""
+        keep = np.isin(self.labels.names, list(classes))
+        ids = np.array([list(classes).index(n) for n in self.labels.names[keep]], dtype=np.int64)
+        return self.boxes_lidar[keep].astype(np.float32), ids
+
+
+class KittiDataset:
+    """KITTI object dataset on disk, indexable by position.
+
+    Args:
+        root: dataset root holding `{split}/` and optionally `ImageSets/`.
+        split: "training" or "testing" (testing frames have no labels).
+        ids: frame ids (str or int); default: `image_set`'s list, else every `velodyne/*.bin`.
+        image_set: name of `ImageSets/{image_set}.txt` to read the ids from.
+        load_image: read `image_2` PNGs (the image shape is read either way).
+    """
+
+    def __init__(self, root: str | Path, split: str = "training", ids: Sequence[str | int] | None = None,
+                 image_set: str | None = None, load_image: bool = True):
+        self.root = Path(root)
+        self.split = split
+        self.dir = self.root / split
+        self.load_image = load_image
+        if not self.dir.is_dir():
+            raise DataError(f"{self.dir}: KITTI split directory not found (expected root/{split}/velodyne, ...)")
+        if ids is None and image_set is not None:
+            f = self.root / "ImageSets" / f"{image_set}.txt"
+            if not f.is_file():
+                raise DataError(f"{f}: image set file not found")
+            ids = [t for t in f.read_text().split()]
+        if ids is None:
+            vdir = self.dir / "velodyne"
+            if not vdir.is_dir():
+                raise DataError(f"{vdir}: velodyne directory not found")
+            ids = sorted(p.stem for p in vdir.glob("*.bin"))
+        self.ids = [f"{int(i):06d}" if isinstance(i, (int, np.integer)) or str(i).isdigit() else str(i)
+                    for i in ids]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def path(self, kind: str, frame_id: str) -> Path:
+        """Path of `kind` in {velodyne, image_2, calib, label_2, radar} for a frame."""
+        ext = {"velodyne": ".bin", "image_2": ".png", "calib": ".txt", "label_2": ".txt", "radar": ".bin"}[kind]
+        return self.dir / kind / f"{frame_id}{ext}"
+
+    def calib(self, index: int) -> KittiCalibration:
+        return KittiCalibration.from_file(self.path("calib", self.ids[index]))
+
+    def labels(self, index: int) -> KittiLabels:
+        p = self.path("label_2", self.ids[index])
+        if not p.is_file() and self.split == "testing":
+            return KittiLabels.empty()
+        return read_label(p)
+
+    def __getitem__(self, index: int) -> KittiFrame:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"frame index {index} out of range for {len(self)} frames")
+        fid = self.ids[index]
+        calib = self.calib(index)
+        points = read_kitti_bin(self.path("velodyne", fid))
+        image, shape = None, None
+        ip = self.path("image_2", fid)
+        if self.load_image:
+            if not ip.is_file():
+                raise DataError(f"{ip}: image not found (pass load_image=False to skip images)")
+            from PIL import Image
+
+            try:
+                with Image.open(ip) as im:
+                    image = np.asarray(im.convert("RGB"))
+            except OSError as exc:
+                raise DataError(f"{ip}: cannot read image: {exc}") from None
+            shape = image.shape[:2]
+        elif ip.is_file():
+            from PIL import Image
+
+            with Image.open(ip) as im:
+                shape = (im.height, im.width)
+        labels = self.labels(index)
+        boxes = camera_boxes_to_lidar(labels.boxes_cam, calib).astype(np.float32)
+        boxes[labels.names == "DontCare"] = np.nan
+        rp = self.path("radar", fid)
+        radar = None
+        if rp.is_file():
+            radar = read_kitti_bin(rp, num_features=6) if rp.stat().st_size else np.zeros((0, 6), np.float32)
+        return KittiFrame(fid, points, image, calib, labels, boxes, radar, shape)
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
