@@ -1,0 +1,126 @@
+"""Run logging on rank 0: a progress bar, TensorBoard scalars and a JSONL file.
+
+Files under the run folder:
+
+* `tb/` - TensorBoard event files (`tensorboard --logdir <out_dir>/tb`): `train/<name>` for the
+  losses and `lr`, `eval/<name>` for metrics.
+* `log.jsonl` - one JSON object per logged step: `{"step", "split", "time", <scalars>}`.
+
+Other ranks get a `RunLogger(enabled=False)` that does nothing.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Mapping
+
+__all__ = ["RunLogger"]
+
+
+def _fmt(value: float) -> str:
+    if value == 0 or (1e-3 <= abs(value) < 1e4):
+        return f"{value:.4f}"
+    return f"{value:.3e}"
+
+
+class RunLogger:
+    """Progress bar + TensorBoard + JSONL for one run.
+
+    Args:
+        out_dir: run folder.
+        total_steps: for the progress bar.
+        initial_step: where the bar starts (resumed runs).
+        enabled: False on non-zero ranks (then every method is a no-op).
+        progress: show a tqdm progress bar (on stderr).
+        tensorboard: write TensorBoard events (skipped with a warning if tensorboard is missing).
+    """
+
+    def __init__(self, out_dir: str | Path, total_steps: int, initial_step: int = 0, enabled: bool = True,
+                 progress: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.out_dir = Path(out_dir)
+        self._bar = None
+        self._tb = None
+        self._jsonl = None
+        self._t_start = time.perf_counter()
+        self._last_time = self._t_start
+        self._last_step = initial_step
+        if not enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.out_dir / "log.jsonl", "a", buffering=1)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(log_dir=str(self.out_dir / "tb"), purge_step=initial_step or None)
+            except ImportError as e:  # pragma: no cover - tensorboard is a dependency
+                warnings.warn(f"TensorBoard logging disabled ({e})", stacklevel=2)
+        if progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=initial_step, unit="it", dynamic_ncols=True,
+                             file=sys.stderr, desc="train")
+
+    def set_step(self, step: int) -> None:
+        """Move the progress bar and the it/s reference to `step` (after resuming)."""
+        self._last_step, self._last_time = step, time.perf_counter()
+        if self._bar is not None:
+            self._bar.n = self._bar.last_print_n = step
+            self._bar.refresh()
+
+    def step(self, n: int = 1) -> None:
+        """Advance the progress bar."""
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def log(self, step: int, scalars: Mapping[str, float], split: str = "train") -> None:
+        """Record scalars for `step` (TensorBoard `split/name`, JSONL, progress bar postfix)."""
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        values = {k: float(v) for k, v in scalars.items()}
+        if split == "train" and step > self._last_step:
+            values.setdefault("it_per_s", (step - self._last_step) / max(now - self._last_time, 1e-9))
+            self._last_step, self._last_time = step, now
+        if self._tb is not None:
+            for k, v in values.items():
+                if math.isfinite(v):
+                    self._tb.add_scalar(f"{split}/{k}", v, step)
+        if self._jsonl is not None:
+            record = {"step": step, "split": split, "time": round(now - self._t_start, 3), **values}
+            self._jsonl.write(json.dumps(record) + "\n")
+        if self._bar is not None:
+            shown = {k: _fmt(v) for k, v in values.items() if k in ("loss", "lr") or split == "eval"}
+            if split == "eval":
+                self._bar.write(f"[eval] step {step}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in values.items()))
+            else:
+                self._bar.set_postfix(shown, refresh=False)
+
+    def message(self, text: str) -> None:
+        """Print a line (above the progress bar) and keep it in the JSONL log."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, file=sys.stderr)
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps({"message": text, "time": round(time.perf_counter() - self._t_start, 3)})
+                              + "\n")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+            self._tb = None
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
