@@ -1,6 +1,7 @@
 """A toy regression task: the smallest complete example of a task the tools can run.
 
-`task: toy` configs (`tools/train.py --config tests/perception3d/configs/toy.yaml`) train a small
+A YAML file holding just `task: toy` (plus any `train:` / `data:` / `model:` overrides) is a
+complete config: `python tools/train.py --config toy.yaml --set train.max_steps=50`. It trains a small
 MLP with dropout on noisy samples of a fixed function, with random augmentation drawn from the
 global torch and NumPy generators (made reproducible by the engine's per-sample seeding). It is
 used by the engine's tests (exact resume, DDP, the command line) and shows what a task module

@@ -1,0 +1,90 @@
+"""Train the experiment a config describes.
+
+    python tools/train.py --config configs/quickstart.yaml [--set train.lr=0.002 ...] [--resume] [--out DIR]
+    torchrun --standalone --nproc_per_node=2 tools/train.py --config ...   # data parallel
+
+The config's `task:` selects the experiment (see tools/_tasks.py). The fully resolved config is
+saved to OUT/config.yaml; checkpoints go to OUT/ckpt, TensorBoard events to OUT/tb, the log to
+OUT/log.jsonl. The last line printed is the run's summary as one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from perception3d.config import config_to_dict, load_config, save_config  # noqa: E402
+from perception3d.errors import ConfigError, DataError  # noqa: E402
+from tools._tasks import get_task, task_name_of  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="tools/train.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, metavar="X.yaml", help="experiment config (YAML)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value, e.g. --set train.lr=0.002 (repeatable; VALUE is YAML)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue from OUT/ckpt/latest.pt (exactly where it stopped)")
+    ap.add_argument("--out", metavar="DIR", default=None,
+                    help="run folder (default: outputs/<config file stem>)")
+    return ap
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            keys.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return keys
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    config_path = Path(args.config)
+    if not config_path.is_file():
+        ap.error(f"--config {config_path}: file not found")
+    try:
+        task = get_task(task_name_of(config_path, args.overrides))
+        cfg = load_config(config_path, task.config_cls, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out_dir = Path(args.out) if args.out else Path("outputs") / config_path.stem
+    if int(os.environ.get("RANK", "0")) == 0:
+        saved = out_dir / "config.yaml"
+        if args.resume and saved.is_file():
+            import yaml
+
+            changed = _diff(yaml.safe_load(saved.read_text()) or {}, config_to_dict(cfg))
+            if changed:
+                print("warning: resuming with a config that differs from the run's saved config.yaml:\n  "
+                      + "\n  ".join(changed), file=sys.stderr)
+        save_config(cfg, saved)
+        print(f"[train] task {task.name}; config {config_path} -> {saved}", file=sys.stderr)
+    from perception3d.engine import distributed
+
+    try:
+        result = task.train(cfg, out_dir, resume=args.resume)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        distributed.cleanup()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
