@@ -1,0 +1,479 @@
+"""KITTI-style and nuScenes-style 3D detection metrics (CPU, numpy + torch).
+
+Inputs are one `FrameGT` and one `structures.Detections3D` per frame, boxes in the LiDAR frame
+(`(x, y, z, dx, dy, dz, yaw)`, see `perception3d/design.md`). Class names map to label ids by
+their position in `class_names` (default `structures.CLASSES`). All APs are in percent (0-100).
+
+KITTI (`kitti_ap`, `kitti_ap_by_distance`)
+    * Matching, per frame and class: detections are visited by descending score; each takes the
+      unmatched GT box of its class with the highest IoU, if that IoU is strictly above the
+      class threshold (KITTI's `overlap > min_overlap`). One detection per GT, one GT per
+      detection. Matching is done once, over all GT of the class, and then scored for each
+      difficulty (or distance bin).
+    * Scoring for a difficulty `d`: GT with `0 <= difficulty <= d` are *valid* (moderate
+      includes easy); the other GT of the class (harder ones, and `difficulty == -1`) are
+      *ignored*. A detection matched to a valid GT is a TP, one matched to an ignored GT is
+      neither TP nor FP, an unmatched one is an FP. Only valid GT count towards recall.
+    * Simplifications (documented deviations from the official devkit): no "neighbouring
+      class" rule (a Car detection on a Van is an FP), no DontCare regions, no minimum 2D height
+      filter on detections; a detection matched to an ignored GT can in rare crowded cases hide
+      a valid GT it also overlapped (the devkit re-matches per difficulty).
+    * Precision-recall: detections with equal scores enter together (the curve is evaluated
+      only at distinct score thresholds). AP R40: mean over recall positions `r = 1/40, ..., 1`
+      of the interpolated precision `max{precision at recall >= r}` (0 if recall r is never
+      reached). `num_recall_points=11` gives the old R11 positions `0, 0.1, ..., 1`.
+    * By distance: valid GT are those whose BEV range `hypot(x, y)` from the sensor lies in
+      `[lo, hi)`; GT outside are ignored. Unmatched detections outside the bin are ignored
+      (not FP); a detection matched to a valid GT is a TP wherever its own centre lies.
+
+nuScenes (`nuscenes_map`)
+    * Matching by BEV centre distance, greedy by descending score (ties: input order): each
+      detection takes the closest unmatched GT of its class with distance `< threshold`.
+    * Precision and recall after every detection are linearly interpolated (`np.interp`, no
+      monotone envelope, precision 0 beyond the largest recall) at the 101 recall points
+      `0, 0.01, ..., 1`; AP = mean over the points with recall > 0.1 (indices 11..100) of
+      `max(0, (precision - 0.1) / (1 - 0.1))` -- the nuScenes devkit's normalisation.
+    * No nuScenes attribute/velocity/TP-error metrics, no range filtering of boxes.
+
+A class with no valid GT gets AP `nan`; the means skip `nan`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from perception3d.errors import DataError
+from perception3d.geometry.iou import iou_3d, iou_bev
+from perception3d.structures import CLASSES, Boxes3D, Detections3D
+
+__all__ = [
+    "FrameGT",
+    "DIFFICULTIES",
+    "kitti_difficulty",
+    "kitti_ap",
+    "kitti_ap_by_distance",
+    "nuscenes_map",
+    "average_precision_r40",
+]
+
+DIFFICULTIES = ("easy", "moderate", "hard")
+_MIN_HEIGHT_PX = (40.0, 25.0, 25.0)
+_MAX_OCCLUSION = (0, 1, 2)
+_MAX_TRUNCATION = (0.15, 0.30, 0.50)
+_DEFAULT_IOU = {"Car": 0.7, "Pedestrian": 0.5, "Cyclist": 0.5}
+
+
+def _as_tensor(x, name: str, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(x, Boxes3D):
+        x = x.tensor
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if not isinstance(x, torch.Tensor):
+        try:
+            x = torch.as_tensor(x)
+        except (TypeError, ValueError, RuntimeError):
+            raise DataError(f"{name}: expected a tensor or array, got {type(x).__name__}") from None
+    return x.detach().to("cpu", dtype)
+
+
+@dataclass(frozen=True)
+class FrameGT:
+    """Ground truth of one frame.
+
+    Attributes:
+        boxes: `[M, 7]` LiDAR boxes (tensor, array or `Boxes3D`), stored as float64 tensor.
+        labels: `[M]` int class ids (index into the evaluation's `class_names`).
+        difficulty: `[M]` int, 0 easy, 1 moderate, 2 hard, -1 not counted at any difficulty
+            (see `kitti_difficulty`); `None` means all 0 (every box counts everywhere).
+        bbox2d: optional `[M, 4]` image boxes `(x1, y1, x2, y2)` pixels (informational).
+    """
+
+    boxes: torch.Tensor
+    labels: torch.Tensor
+    difficulty: torch.Tensor | None = None
+    bbox2d: torch.Tensor | None = None
+
+    def __post_init__(self):
+        boxes = _as_tensor(self.boxes, "FrameGT.boxes", torch.float64)
+        if boxes.dim() != 2 or boxes.shape[1] != 7:
+            if boxes.numel() == 0:
+                boxes = boxes.reshape(0, 7)
+            else:
+                raise DataError(f"FrameGT.boxes: expected shape [M, 7], got {tuple(boxes.shape)}")
+        if not torch.isfinite(boxes).all():
+            raise DataError("FrameGT.boxes: contains NaN or inf")
+        m = boxes.shape[0]
+        labels = _as_tensor(self.labels, "FrameGT.labels", torch.int64).reshape(-1)
+        if labels.shape != (m,):
+            raise DataError(f"FrameGT.labels: expected shape ({m},), got {tuple(labels.shape)}")
+        diff = self.difficulty
+        diff = torch.zeros(m, dtype=torch.int64) if diff is None else _as_tensor(
+            diff, "FrameGT.difficulty", torch.int64).reshape(-1)
+        if diff.shape != (m,):
+            raise DataError(f"FrameGT.difficulty: expected shape ({m},), got {tuple(diff.shape)}")
+        if ((diff < -1) | (diff > 2)).any():
+            raise DataError("FrameGT.difficulty: expected values in {-1, 0, 1, 2}")
+        bbox2d = self.bbox2d
+        if bbox2d is not None:
+            bbox2d = _as_tensor(bbox2d, "FrameGT.bbox2d", torch.float64)
+            if bbox2d.shape != (m, 4):
+                raise DataError(f"FrameGT.bbox2d: expected shape ({m}, 4), got {tuple(bbox2d.shape)}")
+        object.__setattr__(self, "boxes", boxes)
+        object.__setattr__(self, "labels", labels)
+        object.__setattr__(self, "difficulty", diff)
+        object.__setattr__(self, "bbox2d", bbox2d)
+
+    def __len__(self) -> int:
+        return self.boxes.shape[0]
+
+
+def kitti_difficulty(bbox_height_px, occlusion, truncation):
+    """KITTI difficulty of each GT object: the easiest level whose limits it meets.
+
+    Limits (official devkit): easy: height > 40 px, occlusion <= 0, truncation <= 0.15;
+    moderate: height > 25, occlusion <= 1, truncation <= 0.30; hard: height > 25,
+    occlusion <= 2, truncation <= 0.50. Heights must be strictly greater than the minimum (the
+    devkit ignores `height <= MIN_HEIGHT`).
+
+    Args:
+        bbox_height_px: `[M]` 2D box heights `y2 - y1`, pixels.
+        occlusion: `[M]` KITTI occlusion state (0 visible .. 3 unknown).
+        truncation: `[M]` truncation fraction in [0, 1].
+
+    Returns:
+        `[M]` int64: 0 easy, 1 moderate, 2 hard, -1 none. A torch tensor if `bbox_height_px`
+        is one, else a numpy array.
+    """
+    is_torch = isinstance(bbox_height_px, torch.Tensor)
+    h = np.asarray(bbox_height_px.detach().cpu() if is_torch else bbox_height_px, np.float64).reshape(-1)
+    occ = np.asarray(occlusion.detach().cpu() if isinstance(occlusion, torch.Tensor) else occlusion,
+                     np.float64).reshape(-1)
+    tr = np.asarray(truncation.detach().cpu() if isinstance(truncation, torch.Tensor) else truncation,
+                    np.float64).reshape(-1)
+    if not (h.shape == occ.shape == tr.shape):
+        raise DataError(f"kitti_difficulty: bbox_height_px {h.shape}, occlusion {occ.shape} and "
+                        f"truncation {tr.shape} must have the same length")
+    out = np.full(h.shape, -1, dtype=np.int64)
+    for level in (2, 1, 0):  # later (easier) levels overwrite
+        ok = (h > _MIN_HEIGHT_PX[level]) & (occ <= _MAX_OCCLUSION[level]) & (tr <= _MAX_TRUNCATION[level])
+        out[ok] = level
+    return torch.from_numpy(out) if is_torch else out
+
+
+# --- shared machinery ------------------------------------------------------------------------
+def _check_inputs(gts, dets, classes, class_names):
+    if len(gts) != len(dets):
+        raise DataError(f"gts and dets: expected one entry per frame each, got {len(gts)} and {len(dets)}")
+    for i, (g, d) in enumerate(zip(gts, dets)):
+        if not isinstance(g, FrameGT):
+            raise DataError(f"gts[{i}]: expected a FrameGT, got {type(g).__name__}")
+        if not isinstance(d, Detections3D):
+            raise DataError(f"dets[{i}]: expected a Detections3D, got {type(d).__name__}")
+    ids = {}
+    for c in classes:
+        if c not in class_names:
+            raise DataError(f"classes: {c!r} is not in class_names {tuple(class_names)}")
+        ids[c] = list(class_names).index(c)
+    return ids
+
+
+def _greedy_match(sim: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray:
+    """Greedy one-to-one matching by descending score.
+
+    Args:
+        sim: `[D, G]` similarity (IoU, or minus the distance); a pair can match if `sim > threshold`.
+        scores: `[D]` detection scores.
+        threshold: similarity threshold (strict).
+
+    Returns:
+        `[D]` int64 index of the matched GT, -1 for none.
+    """
+    d, g = sim.shape
+    matched = np.full(d, -1, dtype=np.int64)
+    if d == 0 or g == 0:
+        return matched
+    cand = sim > threshold
+    has = cand.any(axis=1)
+    if not has.any():
+        return matched
+    taken = np.zeros(g, dtype=bool)
+    for i in np.argsort(-scores, kind="stable"):
+        if not has[i]:
+            continue
+        s = np.where(cand[i] & ~taken, sim[i], -np.inf)
+        j = int(np.argmax(s))
+        if s[j] == -np.inf:
+            continue
+        matched[i] = j
+        taken[j] = True
+    return matched
+
+
+def average_precision_r40(scores: np.ndarray, is_tp: np.ndarray, num_gt: int,
+                          num_recall_points: int = 40) -> float:
+    """KITTI interpolated AP from scored detections, in percent.
+
+    Args:
+        scores: `[D]` scores of the counted (non-ignored) detections.
+        is_tp: `[D]` bool, True for true positives.
+        num_gt: number of valid GT boxes.
+        num_recall_points: 40 for R40 (positions `1/40..1`); 11 for R11 (`0, 0.1, .., 1`).
+
+    Returns:
+        AP in [0, 100]; `nan` if `num_gt == 0`.
+    """
+    if num_gt <= 0:
+        return float("nan")
+    scores = np.asarray(scores, np.float64)
+    is_tp = np.asarray(is_tp, bool)
+    if num_recall_points == 11:
+        positions = np.linspace(0.0, 1.0, 11)
+    else:
+        positions = np.arange(1, num_recall_points + 1) / num_recall_points
+    if scores.size == 0:
+        return 0.0
+    order = np.argsort(-scores, kind="stable")
+    s, tp = scores[order], is_tp[order]
+    ctp = np.cumsum(tp)
+    cfp = np.cumsum(~tp)
+    # Evaluate only at the last detection of each group of equal scores.
+    last = np.append(s[1:] != s[:-1], True)
+    prec = (ctp / (ctp + cfp))[last]
+    rec = (ctp / num_gt)[last]
+    prec_env = np.maximum.accumulate(prec[::-1])[::-1]  # max precision at recall >= here
+    idx = np.searchsorted(rec, positions - 1e-12, side="left")  # rec is non-decreasing
+    interp = np.where(idx < rec.size, prec_env[np.minimum(idx, rec.size - 1)], 0.0)
+    return float(np.mean(interp) * 100.0)
+
+
+def _nan_mean(values) -> float:
+    vals = [v for v in values if not math.isnan(v)]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def _per_class_matches(gts, dets, label: int, pair_fn: Callable, threshold: float):
+    """Match each frame for one class. Returns a list with, per frame,
+    `(gt_boxes [G,7], gt_diff [G], det_boxes [D,7], det_scores [D], matched [D])`."""
+    out = []
+    for g, d in zip(gts, dets):
+        gm = g.labels == label
+        gt_boxes, gt_diff = g.boxes[gm], g.difficulty[gm]
+        dm = (d.labels.detach().cpu() == label)
+        det_boxes = d.boxes.tensor.detach().cpu().to(torch.float64)[dm]
+        det_scores = d.scores.detach().cpu().to(torch.float64)[dm].numpy()
+        if gt_boxes.shape[0] and det_boxes.shape[0]:
+            sim = pair_fn(det_boxes, gt_boxes).numpy()
+            matched = _greedy_match(sim, det_scores, threshold)
+        else:
+            matched = np.full(det_boxes.shape[0], -1, dtype=np.int64)
+        out.append((gt_boxes, gt_diff, det_boxes, det_scores, matched))
+    return out
+
+
+def _score(frames, gt_valid_fn, det_outside_fn, num_recall_points) -> float:
+    """AP for one setting: `gt_valid_fn(gt_boxes, gt_diff) -> [G] bool`,
+    `det_outside_fn(det_boxes) -> [D] bool` (unmatched detections there are ignored)."""
+    all_scores, all_tp, num_gt = [], [], 0
+    for gt_boxes, gt_diff, det_boxes, det_scores, matched in frames:
+        valid = gt_valid_fn(gt_boxes, gt_diff).numpy()
+        num_gt += int(valid.sum())
+        if det_scores.size == 0:
+            continue
+        hit = matched >= 0
+        tp = np.zeros_like(hit)
+        tp[hit] = valid[matched[hit]]
+        outside = det_outside_fn(det_boxes).numpy()
+        # TP, or unmatched and inside the evaluated region (FP). Matched to an ignored GT, or
+        # unmatched outside the region: neither, dropped.
+        counted = tp | (~hit & ~outside)
+        all_scores.append(det_scores[counted])
+        all_tp.append(tp[counted])
+    scores = np.concatenate(all_scores) if all_scores else np.zeros(0)
+    tps = np.concatenate(all_tp) if all_tp else np.zeros(0, dtype=bool)
+    return average_precision_r40(scores, tps, num_gt, num_recall_points)
+
+
+def _iou_fn(metric: str) -> Callable:
+    if metric == "3d":
+        return iou_3d
+    if metric == "bev":
+        return iou_bev
+    raise DataError(f"metric: expected '3d' or 'bev', got {metric!r}")
+
+
+def _thresholds(classes, iou_thresholds) -> dict:
+    thr = {}
+    for c in classes:
+        if c not in iou_thresholds:
+            raise DataError(f"iou_thresholds: no threshold for class {c!r}")
+        t = float(iou_thresholds[c])
+        if not 0.0 <= t < 1.0:
+            raise DataError(f"iou_thresholds[{c!r}]: expected a value in [0, 1), got {t}")
+        thr[c] = t
+    return thr
+
+
+# --- public metrics --------------------------------------------------------------------------
+def kitti_ap(
+    gts: Sequence[FrameGT],
+    dets: Sequence[Detections3D],
+    classes: Sequence[str] = ("Car", "Pedestrian", "Cyclist"),
+    iou_thresholds: Mapping[str, float] = _DEFAULT_IOU,
+    metric: str = "3d",
+    num_recall_points: int = 40,
+    class_names: Sequence[str] = CLASSES,
+) -> dict:
+    """KITTI-style AP per class and difficulty (rules in the module docstring).
+
+    Args:
+        gts: one `FrameGT` per frame.
+        dets: one `Detections3D` per frame (same order).
+        classes: class names to evaluate.
+        iou_thresholds: IoU threshold per class (a detection matches if IoU > threshold).
+        metric: "3d" (3D IoU) or "bev" (rotated BEV IoU).
+        num_recall_points: 40 (R40) or 11 (R11).
+        class_names: label id -> name (`class_names[label]`).
+
+    Returns:
+        `{class: {"easy": AP, "moderate": AP, "hard": AP}, ..., "mAP": {difficulty: mean}}`,
+        AP in percent; `nan` where a class has no valid GT.
+    """
+    ids = _check_inputs(gts, dets, classes, class_names)
+    pair_fn = _iou_fn(metric)
+    thr = _thresholds(classes, iou_thresholds)
+    result: dict = {}
+    for c in classes:
+        frames = _per_class_matches(gts, dets, ids[c], pair_fn, thr[c])
+        result[c] = {}
+        for level, name in enumerate(DIFFICULTIES):
+            result[c][name] = _score(
+                frames,
+                lambda b, diff, level=level: (diff >= 0) & (diff <= level),
+                lambda b: torch.zeros(b.shape[0], dtype=torch.bool),
+                num_recall_points,
+            )
+    result["mAP"] = {name: _nan_mean(result[c][name] for c in classes) for name in DIFFICULTIES}
+    return result
+
+
+def kitti_ap_by_distance(
+    gts: Sequence[FrameGT],
+    dets: Sequence[Detections3D],
+    classes: Sequence[str] = ("Car", "Pedestrian", "Cyclist"),
+    iou_thresholds: Mapping[str, float] = _DEFAULT_IOU,
+    metric: str = "3d",
+    num_recall_points: int = 40,
+    distance_bins_m: Sequence[tuple[float, float]] = ((0.0, 20.0), (20.0, 40.0), (40.0, 70.0)),
+    difficulty: int | None = None,
+    class_names: Sequence[str] = CLASSES,
+) -> dict:
+    """KITTI-style AP restricted to BEV range bins `[lo, hi)` metres from the sensor.
+
+    Args:
+        gts, dets, classes, iou_thresholds, metric, num_recall_points, class_names: as `kitti_ap`.
+        distance_bins_m: `(lo, hi)` pairs, metres, range = `hypot(x, y)` of the box centre.
+        difficulty: None: every GT of the class in the bin is valid regardless of its
+            difficulty; 0/1/2: only GT with `0 <= difficulty <= d` are valid (others ignored).
+
+    Returns:
+        `{class: {"lo-hi m": AP, ...}, ..., "mAP": {"lo-hi m": mean}}`, AP in percent, e.g.
+        the key for `(0, 20)` is `"0-20m"`.
+    """
+    ids = _check_inputs(gts, dets, classes, class_names)
+    pair_fn = _iou_fn(metric)
+    thr = _thresholds(classes, iou_thresholds)
+    if difficulty is not None and difficulty not in (0, 1, 2):
+        raise DataError(f"difficulty: expected None, 0, 1 or 2, got {difficulty!r}")
+    bins = []
+    for b in distance_bins_m:
+        if len(b) != 2 or not 0 <= float(b[0]) < float(b[1]):
+            raise DataError(f"distance_bins_m: expected (lo, hi) with 0 <= lo < hi, got {b!r}")
+        bins.append((float(b[0]), float(b[1])))
+    keys = [f"{lo:g}-{hi:g}m" for lo, hi in bins]
+
+    def in_bin(boxes, lo, hi):
+        r = torch.hypot(boxes[:, 0], boxes[:, 1])
+        return (r >= lo) & (r < hi)
+
+    result: dict = {}
+    for c in classes:
+        frames = _per_class_matches(gts, dets, ids[c], pair_fn, thr[c])
+        result[c] = {}
+        for key, (lo, hi) in zip(keys, bins):
+            def gt_valid(b, diff, lo=lo, hi=hi):
+                ok = in_bin(b, lo, hi)
+                if difficulty is not None:
+                    ok &= (diff >= 0) & (diff <= difficulty)
+                return ok
+
+            result[c][key] = _score(frames, gt_valid, lambda b, lo=lo, hi=hi: ~in_bin(b, lo, hi),
+                                    num_recall_points)
+    result["mAP"] = {k: _nan_mean(result[c][k] for c in classes) for k in keys}
+    return result
+
+
+def _nuscenes_ap(scores: np.ndarray, is_tp: np.ndarray, num_gt: int,
+                 min_recall: float = 0.1, min_precision: float = 0.1) -> float:
+    if num_gt <= 0:
+        return float("nan")
+    if scores.size == 0:
+        return 0.0
+    order = np.argsort(-scores, kind="stable")
+    tp = is_tp[order]
+    ctp = np.cumsum(tp).astype(np.float64)
+    cfp = np.cumsum(~tp).astype(np.float64)
+    prec = ctp / (ctp + cfp)
+    rec = ctp / num_gt
+    rec_interp = np.linspace(0.0, 1.0, 101)
+    prec_i = np.interp(rec_interp, rec, prec, right=0.0)
+    prec_i = prec_i[int(round(100 * min_recall)) + 1:]
+    return float(np.mean(np.clip((prec_i - min_precision) / (1.0 - min_precision), 0.0, None)) * 100.0)
+
+
+def nuscenes_map(
+    gts: Sequence[FrameGT],
+    dets: Sequence[Detections3D],
+    classes: Sequence[str] = ("Car", "Pedestrian", "Cyclist"),
+    dist_thresholds: Sequence[float] = (0.5, 1.0, 2.0, 4.0),
+    class_names: Sequence[str] = CLASSES,
+) -> dict:
+    """nuScenes-style AP on BEV centre distance (rules in the module docstring).
+
+    Args:
+        gts: one `FrameGT` per frame (difficulty is not used).
+        dets: one `Detections3D` per frame.
+        classes: class names to evaluate.
+        dist_thresholds: match distances, metres (a match needs distance < threshold).
+        class_names: label id -> name.
+
+    Returns:
+        `{class: {threshold: AP, ...}, ..., "mAP": mean over classes and thresholds}`, AP in
+        percent; the threshold keys are floats.
+    """
+    ids = _check_inputs(gts, dets, classes, class_names)
+    ths = [float(t) for t in dist_thresholds]
+    if not ths or any(not t > 0 for t in ths):
+        raise DataError(f"dist_thresholds: expected positive distances in metres, got {tuple(dist_thresholds)}")
+
+    def neg_dist(a, b):
+        return -torch.cdist(a[:, :2], b[:, :2])
+
+    result: dict = {}
+    for c in classes:
+        result[c] = {}
+        for t in ths:
+            frames = _per_class_matches(gts, dets, ids[c], neg_dist, -t)
+            scores, tps, num_gt = [], [], 0
+            for gt_boxes, _, _, det_scores, matched in frames:
+                num_gt += gt_boxes.shape[0]
+                scores.append(det_scores)
+                tps.append(matched >= 0)
+            result[c][t] = _nuscenes_ap(np.concatenate(scores) if scores else np.zeros(0),
+                                        np.concatenate(tps) if tps else np.zeros(0, bool), num_gt)
+    per_class = [_nan_mean(result[c].values()) for c in classes]
+    result["mAP"] = _nan_mean(per_class)
+    return result

@@ -1,0 +1,218 @@
+"""Tests for perception3d.metrics.detection with hand-computed answers."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from perception3d.errors import DataError
+from perception3d.metrics.detection import (
+    FrameGT,
+    average_precision_r40,
+    kitti_ap,
+    kitti_ap_by_distance,
+    kitti_difficulty,
+    nuscenes_map,
+)
+from perception3d.structures import Boxes3D, Detections3D
+
+SIZES = {0: (4.0, 1.8, 1.6), 1: (0.8, 0.6, 1.8), 2: (1.8, 0.6, 1.7)}
+
+
+def _box(x, y, label=0, yaw=0.3):
+    dx, dy, dz = SIZES[label]
+    return [x, y, -1.0, dx, dy, dz, yaw]
+
+
+def _dets(boxes, scores, labels) -> Detections3D:
+    b = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 7)
+    return Detections3D(Boxes3D(b), torch.tensor(scores, dtype=torch.float32).reshape(-1),
+                        torch.as_tensor(labels, dtype=torch.int64).reshape(-1))
+
+
+def _cars(xs, diff=None):
+    boxes = [_box(x, 0.0) for x in xs]
+    return FrameGT(torch.tensor(boxes).reshape(-1, 7), torch.zeros(len(xs), dtype=torch.int64),
+                   None if diff is None else torch.tensor(diff))
+
+
+def _scene(seed: int, n_frames: int = 4):
+    """Frames with all three classes on a grid (no two boxes overlap) and mixed difficulties."""
+    g = torch.Generator().manual_seed(seed)
+    gts = []
+    for _ in range(n_frames):
+        boxes, labels = [], []
+        for k in range(12):
+            label = k % 3
+            x = 5.0 + 8.0 * (k // 3) + float(torch.rand(1, generator=g))
+            y = -12.0 + 8.0 * (k % 3) + float(torch.rand(1, generator=g))
+            boxes.append(_box(x, y, label, yaw=float(torch.rand(1, generator=g)) * 6 - 3))
+            labels.append(label)
+        diff = torch.tensor([0, 1, 2, -1] * 3)[torch.randperm(12, generator=g)]
+        diff[:3] = 0  # every class has an easy box
+        gts.append(FrameGT(torch.tensor(boxes), torch.tensor(labels), diff))
+    return gts
+
+
+# --- kitti_difficulty --------------------------------------------------------------------------
+def test_kitti_difficulty_levels():
+    h = np.array([50, 50, 30, 30, 30, 50, 20, 41, 40])
+    occ = np.array([0, 1, 1, 2, 3, 0, 0, 0, 0])
+    trunc = np.array([0.0, 0.0, 0.2, 0.4, 0.0, 0.6, 0.0, 0.15, 0.0])
+    out = kitti_difficulty(h, occ, trunc)
+    assert out.tolist() == [0, 1, 1, 2, -1, -1, -1, 0, 1]
+    out_t = kitti_difficulty(torch.tensor(h), torch.tensor(occ), torch.tensor(trunc))
+    assert isinstance(out_t, torch.Tensor) and out_t.tolist() == out.tolist()
+    with pytest.raises(DataError, match="same length"):
+        kitti_difficulty(h, occ[:3], trunc)
+
+
+# --- AP core -----------------------------------------------------------------------------------
+def test_r40_hand_computed_curve():
+    # TP, FP, TP, TP with 4 GT: precision 1, 1/2, 2/3, 3/4 at recall 1/4, 1/4, 1/2, 3/4.
+    # Interpolated: 1 for r <= 1/4 (10 positions), 3/4 for 1/4 < r <= 3/4 (20), 0 above (10).
+    ap = average_precision_r40(np.array([0.9, 0.8, 0.7, 0.6]), np.array([1, 0, 1, 1], bool), 4)
+    assert ap == (10 * 1 + 20 * 0.75) / 40 * 100 == 62.5
+    # R11 on the same curve: positions 0..0.2 -> 1 (3), 0.3..0.7 -> 0.75 (5), 0.8..1 -> 0.
+    ap11 = average_precision_r40(np.array([0.9, 0.8, 0.7, 0.6]), np.array([1, 0, 1, 1], bool), 4, 11)
+    assert ap11 == pytest.approx((3 + 5 * 0.75) / 11 * 100, abs=1e-12)
+    assert math.isnan(average_precision_r40(np.zeros(0), np.zeros(0, bool), 0))
+
+
+def test_r40_equal_scores_enter_together():
+    # FP and TP with the same score: one point (precision 1/2, recall 1) whatever the order.
+    a = average_precision_r40(np.array([0.5, 0.5]), np.array([0, 1], bool), 1)
+    b = average_precision_r40(np.array([0.5, 0.5]), np.array([1, 0], bool), 1)
+    assert a == b == 50.0
+
+
+# --- kitti_ap -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("metric", ["3d", "bev"])
+def test_kitti_gt_as_detections_is_100(metric):
+    gts = _scene(0)
+    dets = [_dets(g.boxes, [1.0] * len(g), g.labels) for g in gts]
+    res = kitti_ap(gts, dets, metric=metric)
+    for c in ("Car", "Pedestrian", "Cyclist"):
+        assert res[c] == {"easy": 100.0, "moderate": 100.0, "hard": 100.0}
+    assert res["mAP"]["moderate"] == 100.0
+
+
+def test_kitti_half_missing_is_50():
+    gts = [_cars([10.0, 20.0, 30.0, 40.0, 50.0]), _cars([10.0, 20.0, 30.0, 40.0, 50.0])]
+    dets = [_dets([_box(x, 0.0) for x in (10.0, 20.0, 30.0, 40.0, 50.0)], [0.9] * 5, [0] * 5),
+            _dets(torch.zeros(0, 7), [], [])]
+    res = kitti_ap(gts, dets, classes=("Car",))
+    assert res["Car"]["moderate"] == 50.0  # recall positions 1/40..20/40 at precision 1
+
+
+def test_kitti_highest_scoring_false_positive():
+    # 4 GT all found at score 0.8..0.5, plus a false positive far away at score 0.9:
+    # precision after each detection 0, 1/2, 2/3, 3/4, 4/5; the envelope is 4/5 everywhere.
+    gts = [_cars([10.0, 20.0, 30.0, 40.0])]
+    boxes = [_box(60.0, 0.0)] + [_box(x, 0.0) for x in (10.0, 20.0, 30.0, 40.0)]
+    dets = [_dets(boxes, [0.9, 0.8, 0.7, 0.6, 0.5], [0] * 5)]
+    res = kitti_ap(gts, dets, classes=("Car",))
+    assert res["Car"]["easy"] == pytest.approx(80.0, abs=1e-12)
+    # A false positive in the middle (TP, FP, TP, TP; one GT missed): 62.5 by hand.
+    gts = [_cars([10.0, 20.0, 30.0, 40.0])]
+    boxes = [_box(10.0, 0.0), _box(60.0, 0.0), _box(20.0, 0.0), _box(30.0, 0.0)]
+    res = kitti_ap(gts, [_dets(boxes, [0.9, 0.8, 0.7, 0.6], [0] * 4)], classes=("Car",))
+    assert res["Car"]["easy"] == 62.5
+
+
+def test_kitti_shift_below_threshold_is_zero():
+    gts = [_cars([10.0, 20.0, 30.0])]
+    # Shift 1 m along the heading (yaw 0.3, length 4): BEV IoU = 3 / 5 = 0.6 < 0.7.
+    shifted = [_box(x + math.cos(0.3), math.sin(0.3)) for x in (10.0, 20.0, 30.0)]
+    dets = [_dets(shifted, [0.9, 0.8, 0.7], [0, 0, 0])]
+    assert kitti_ap(gts, dets, classes=("Car",))["Car"]["easy"] == 0.0
+    assert kitti_ap(gts, dets, classes=("Car",), metric="bev")["Car"]["easy"] == 0.0
+    # With a 0.55 threshold the same detections all match (IoU 0.6 > 0.55).
+    res = kitti_ap(gts, dets, classes=("Car",), metric="bev", iou_thresholds={"Car": 0.55})
+    assert res["Car"]["easy"] == 100.0
+
+
+def test_kitti_difficulty_ignore_logic():
+    # Car A easy, car B hard, car C not counted (-1). Detections on B and C score highest.
+    gts = [_cars([10.0, 20.0, 30.0], diff=[0, 2, -1])]
+    boxes = [_box(20.0, 0.0), _box(30.0, 0.0), _box(10.0, 0.0)]
+    dets = [_dets(boxes, [0.9, 0.95, 0.5], [0, 0, 0])]
+    res = kitti_ap(gts, dets, classes=("Car",))["Car"]
+    # Easy/moderate: B and C are ignored and so are the detections on them -> 100, not 100/3.
+    assert res == {"easy": 100.0, "moderate": 100.0, "hard": 100.0}
+    # Without the detection on B, the hard level misses one of its two GT -> 50.
+    dets = [_dets(boxes[1:], [0.95, 0.5], [0, 0])]
+    res = kitti_ap(gts, dets, classes=("Car",))["Car"]
+    assert res == {"easy": 100.0, "moderate": 100.0, "hard": 50.0}
+    # Other classes' detections do not matter for Car; Pedestrian has no GT -> nan.
+    dets = [_dets(boxes[1:] + [_box(10.0, 0.0, 1)], [0.95, 0.5, 0.99], [0, 0, 1])]
+    res = kitti_ap(gts, dets, classes=("Car", "Pedestrian"))
+    assert res["Car"]["hard"] == 50.0 and math.isnan(res["Pedestrian"]["easy"])
+    assert res["mAP"]["hard"] == 50.0
+
+
+def test_kitti_ap_by_distance():
+    gts = [_cars([10.0, 30.0, 50.0])]
+    # Found: 10 m and 50 m; missed: 30 m; a false positive at 60 m scores highest.
+    boxes = [_box(60.0, 0.0), _box(10.0, 0.0), _box(50.0, 0.0)]
+    dets = [_dets(boxes, [0.99, 0.8, 0.7], [0, 0, 0])]
+    res = kitti_ap_by_distance(gts, dets, classes=("Car",))["Car"]
+    assert res["0-20m"] == 100.0  # FP at 60 m is outside the bin: ignored
+    assert res["20-40m"] == 0.0
+    assert res["40-70m"] == pytest.approx(50.0)  # FP then TP: precision 1/2 at recall 1
+    res = kitti_ap_by_distance(gts, dets, classes=("Car",), distance_bins_m=((0, 100),))["Car"]
+    # All together: FP, TP, TP with 3 GT: precision 0, 1/2, 2/3 at recall 0, 1/3, 2/3.
+    assert res["0-100m"] == pytest.approx((26 * 2 / 3) / 40 * 100, abs=1e-12)
+
+
+def test_kitti_bad_input():
+    gts = [_cars([10.0])]
+    with pytest.raises(DataError, match="one entry per frame"):
+        kitti_ap(gts, [])
+    with pytest.raises(DataError, match="metric"):
+        kitti_ap(gts, [_dets(torch.zeros(0, 7), [], [])], metric="2d")
+    with pytest.raises(DataError, match="iou_thresholds"):
+        kitti_ap(gts, [_dets(torch.zeros(0, 7), [], [])], classes=("Car",), iou_thresholds={})
+    with pytest.raises(DataError, match="FrameGT.labels"):
+        FrameGT(torch.zeros(2, 7), torch.zeros(3), None)
+    with pytest.raises(DataError, match="FrameGT.boxes"):
+        FrameGT(torch.zeros(2, 6), torch.zeros(2), None)
+
+
+# --- nuScenes -------------------------------------------------------------------------------------
+def test_nuscenes_gt_as_detections_is_100():
+    gts = _scene(1)
+    dets = [_dets(g.boxes, [1.0] * len(g), g.labels) for g in gts]
+    res = nuscenes_map(gts, dets)
+    for c in ("Car", "Pedestrian", "Cyclist"):
+        assert res[c] == {0.5: 100.0, 1.0: 100.0, 2.0: 100.0, 4.0: 100.0}
+    assert res["mAP"] == 100.0
+
+
+def test_nuscenes_shifted_centres():
+    gts = _scene(2)
+    # Every centre moved by 0.75 m (a 3-4-5 triangle: 0.45 in x, 0.6 in y).
+    dets = []
+    for g in gts:
+        b = g.boxes.clone()
+        b[:, 0] += 0.45
+        b[:, 1] += 0.6
+        dets.append(_dets(b, torch.linspace(1.0, 0.5, len(g)).tolist(), g.labels))
+    res = nuscenes_map(gts, dets)
+    for c in ("Car", "Pedestrian", "Cyclist"):
+        assert res[c][0.5] == 0.0
+        assert res[c][1.0] == res[c][2.0] == res[c][4.0] == 100.0
+    assert res["mAP"] == 75.0
+
+
+def test_nuscenes_hand_computed_curve():
+    # FP (0.9) then TP (0.8), 2 GT: precision 0, 1/2 at recall 0, 1/2 -> interpolated
+    # precision = r for r <= 1/2, 0 above. AP = mean over r = 0.11..1.00 of max(0, (p - 0.1) / 0.9)
+    # = sum_{k=1..40} (0.01 k) / 0.9 / 90.
+    gts = [_cars([10.0, 20.0])]
+    dets = [_dets([_box(40.0, 0.0), _box(10.0, 0.0)], [0.9, 0.8], [0, 0])]
+    res = nuscenes_map(gts, dets, classes=("Car",))
+    expected = 100 * sum(0.01 * k for k in range(1, 41)) / 0.9 / 90
+    assert res["Car"][2.0] == pytest.approx(expected, abs=1e-9)
