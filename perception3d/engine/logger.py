@@ -49,26 +49,33 @@ class RunLogger:
         self._t_start = time.perf_counter()
         self._last_time = self._t_start
         self._last_step = initial_step
+        self._start_step = initial_step
+        self._want_tb = False
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(self.out_dir / "log.jsonl", "a", buffering=1)
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(log_dir=str(self.out_dir / "tb"), purge_step=initial_step or None)
-            except ImportError as e:  # pragma: no cover - tensorboard is a dependency
-                warnings.warn(f"TensorBoard logging disabled ({e})", stacklevel=2)
+        self._want_tb = tensorboard
         if progress:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total_steps, initial=initial_step, unit="it", dynamic_ncols=True,
                              file=sys.stderr, desc="train")
 
+    def _open_tensorboard(self) -> None:
+        """Open the writer at the first logged step; a resumed run purges events after its start step."""
+        self._want_tb = False
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:  # pragma: no cover - tensorboard is a dependency
+            warnings.warn(f"TensorBoard logging disabled ({e})", stacklevel=2)
+            return
+        self._tb = SummaryWriter(log_dir=str(self.out_dir / "tb"), purge_step=self._start_step or None)
+
     def set_step(self, step: int) -> None:
         """Move the progress bar and the it/s reference to `step` (after resuming)."""
         self._last_step, self._last_time = step, time.perf_counter()
+        self._start_step = step
         if self._bar is not None:
             self._bar.n = self._bar.last_print_n = step
             self._bar.refresh()
@@ -87,6 +94,8 @@ class RunLogger:
         if split == "train" and step > self._last_step:
             values.setdefault("it_per_s", (step - self._last_step) / max(now - self._last_time, 1e-9))
             self._last_step, self._last_time = step, now
+        if self._want_tb and self._tb is None:
+            self._open_tensorboard()
         if self._tb is not None:
             for k, v in values.items():
                 if math.isfinite(v):

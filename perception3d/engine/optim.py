@@ -79,7 +79,16 @@ def build_optimizer(model: torch.nn.Module, cfg: "TrainConfig") -> torch.optim.O
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: "TrainConfig") -> torch.optim.lr_scheduler.LambdaLR:
-    """A `LambdaLR` applying `LRFactor` for `cfg` (step it once per optimizer step)."""
+    """A `LambdaLR` applying `LRFactor` for `cfg` (step it once per optimizer step).
+
+    The factor is passed as a plain function, so the scheduler's state dict holds only the step
+    count: a run resumed with a changed schedule (say a larger `max_steps`) follows the new one.
+    """
     factor = LRFactor(cfg.schedule, cfg.max_steps, cfg.warmup_steps, cfg.min_lr_ratio,
                       cfg.div_factor, cfg.final_div_factor)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    def lr_lambda(step: int) -> float:
+        return factor(step)
+
+    lr_lambda.factor = factor  # type: ignore[attr-defined]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)

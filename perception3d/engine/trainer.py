@@ -18,7 +18,8 @@ Contract for a model trained by the engine:
   restored after it anyway.
 
 The caller builds the model (after `seed_everything(cfg.seed)` so that initial weights are
-reproducible); `fit` moves it to the device, builds the optimizer and schedule, resumes from
+reproducible); `fit` reseeds the global RNGs from `(cfg.seed, rank)` (dropout differs per rank),
+moves the model to the device, builds the optimizer and schedule, resumes from
 `out_dir/ckpt/latest.pt` when `resume=True`, wraps it in DDP when launched by torchrun, and trains
 for `cfg.max_steps` optimizer steps. Rank 0 writes `out_dir/ckpt/`, `out_dir/tb/` and
 `out_dir/log.jsonl`.
@@ -213,9 +214,19 @@ class Trainer:
         if latest is None:
             logger.message(f"[train] resume: no checkpoint in {self.ckpts.dir}; starting from step 0")
             return
+        # The config is authoritative for hyper-parameters, the checkpoint for state: keep this run's
+        # weight decay, betas, momentum and base lr, and recompute the lr from this run's schedule.
+        hparams = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in self.optimizer.param_groups]
         state = load_checkpoint(latest, self.model, self.optimizer, self.scheduler,
                                 map_location=self.info.device, restore_rng=True)
         self.step = int(state["step"])
+        for group, h in zip(self.optimizer.param_groups, hparams):
+            group.update(h)
+        self.scheduler.base_lrs = [h["initial_lr"] for h in hparams]
+        sched = self.scheduler
+        for group, base, fn in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * fn(sched.last_epoch)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
         self.last_checkpoint = latest
         saved_ws = state.get("extra", {}).get("world_size", 1)
         if saved_ws != self.info.world_size:

@@ -97,6 +97,18 @@ def test_rng_restore_matters(tmp_path):
     assert max_diff(ref, broken) > 1e-6
 
 
+def test_resume_follows_the_new_config_schedule(tmp_path):
+    cfg = toy_cfg(max_steps=4, schedule="constant", warmup_steps=0, lr=0.01, log_every=1, eval_every=0)
+    run(cfg, tmp_path)
+    longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=6, lr=0.02, weight_decay=0.5))
+    seen = {}
+    model, result = run(longer, tmp_path, resume=True, on_step_end=lambda step, s: seen.update({step: s["lr"]}))
+    assert result["step"] == 6 and sorted(seen) == [5, 6]
+    assert seen[5] == pytest.approx(0.02) and seen[6] == pytest.approx(0.02)
+    state = read_checkpoint(tmp_path / "ckpt" / "latest.pt")
+    assert state["optimizer"]["param_groups"][0]["weight_decay"] == 0.5
+
+
 def test_workers_see_the_same_samples(tmp_path):
     cfg = toy_cfg(max_steps=6, eval_every=0, ckpt_every=6)
     a, _ = run(cfg, tmp_path / "a")
