@@ -4,13 +4,14 @@ Boxes are `[N, 7] = (x, y, z, dx, dy, dz, yaw)` (see `perception3d/design.md`). 
 of a box is the rectangle `dx x dy` rotated by `yaw` about `(x, y)`.
 
 Method: for every candidate pair, box a's footprint (a 4-gon, counter-clockwise) is clipped by the
-four half-planes of box b (Sutherland-Hodgman), batched over pairs with fixed-capacity vertex
-buffers (a convex 4-gon clipped by 4 half-planes has at most 8 vertices; room is left for 16); the area of the result
+four half-planes of box b (Sutherland-Hodgman), batched over pairs with padded vertex
+buffers sized to the batch's largest polygon (a convex 4-gon clipped by 4 half-planes has at
+most 8 vertices); the area of the result
 is the shoelace formula. Everything is computed in float64, in coordinates centred on box a, with
 a `1e-9 m` inside-tolerance so that vertices lying on an edge (touching, identical, contained
 boxes) are kept rather than duplicated. Identical boxes give exactly 1.0: the clipped polygon is
 then a's own corner list, so its shoelace area equals a's area bit for bit. Pairs whose
-circumscribed circles do not meet are skipped (IoU 0) before clipping. Results follow the input
+circumscribed circles do not meet are skipped (IoU 0) before clipping, found by a sweep over x. Results follow the input
 device and dtype and are clamped to `[0, 1]`.
 """
 from __future__ import annotations
@@ -23,7 +24,6 @@ from perception3d.errors import DataError
 __all__ = ["bev_intersection_area", "iou_bev", "iou_3d", "nms_bev"]
 
 _EPS_M = 1e-9  # inside tolerance for clipping, metres
-_MAX_VERTS = 16  # 8 in exact arithmetic; slack for near-degenerate duplicates
 _CHUNK_PAIRS = 1 << 16
 
 # Footprint corner signs (x along heading, y left), counter-clockwise seen from above.
@@ -67,7 +67,7 @@ def _clip_halfplane(verts, count, normal, offset):
         verts: `[P, K, 2]` packed vertices; count: `[P]`; normal: `[P, 2]`; offset: `[P]`.
 
     Returns:
-        `(verts [P, K_out, 2], count [P])`, K_out = min(2K, _MAX_VERTS).
+        `(verts [P, K_out, 2], count [P])`, K_out = the largest output count in the batch.
     """
     p, k = verts.shape[:2]
     idx = torch.arange(k, device=verts.device)
@@ -75,7 +75,7 @@ def _clip_halfplane(verts, count, normal, offset):
     prev = torch.where(idx[None] == 0, (count[:, None] - 1).clamp(min=0), idx[None] - 1)
     v_prev = torch.gather(verts, 1, prev[..., None].expand(-1, -1, 2))
     # Signed distance to the clipping line, metres: >= 0 inside; inside within the tolerance.
-    d = offset[:, None] - (verts * normal[:, None, :]).sum(-1)
+    d = offset[:, None] - (verts[..., 0] * normal[:, None, 0] + verts[..., 1] * normal[:, None, 1])
     d_prev = torch.gather(d, 1, prev)
     inside = d >= -_EPS_M
     inside_prev = d_prev >= -_EPS_M
@@ -87,12 +87,14 @@ def _clip_halfplane(verts, count, normal, offset):
     cand = torch.stack([hit, verts], dim=2).reshape(p, 2 * k, 2)
     keep = torch.stack([crossing, valid & inside], dim=2).reshape(p, 2 * k)
     new_count = keep.sum(dim=1)
-    # Stable compaction of kept entries to the front.
-    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
-    k_out = min(2 * k, _MAX_VERTS)
-    order = order[:, :k_out]
-    out = torch.gather(cand, 1, order[..., None].expand(-1, -1, 2))
-    return out, new_count.clamp(max=k_out)
+    # Compact the kept entries to the front (order preserved); the buffer grows only as far as
+    # the batch needs (8 in exact arithmetic, more only for near-degenerate duplicates).
+    k_out = max(int(new_count.max()), 1)
+    pos = torch.cumsum(keep, dim=1) - 1
+    target = torch.where(keep, pos, torch.full_like(pos, k_out))  # k_out: a discarded slot
+    out = torch.zeros((p, k_out + 1, 2), dtype=verts.dtype, device=verts.device)
+    out.scatter_(1, target[..., None].expand(-1, -1, 2), cand)
+    return out[:, :k_out], new_count
 
 
 def _pair_intersection(a: torch.Tensor, b: torch.Tensor):
@@ -111,8 +113,8 @@ def _pair_intersection(a: torch.Tensor, b: torch.Tensor):
     # b's half-planes: |local x| <= dx/2 and |local y| <= dy/2 around b's centre.
     ux = torch.stack([cb, sb], dim=1)
     uy = torch.stack([-sb, cb], dim=1)
-    px = (center_b * ux).sum(-1)
-    py = (center_b * uy).sum(-1)
+    px = center_b[:, 0] * ux[:, 0] + center_b[:, 1] * ux[:, 1]
+    py = center_b[:, 0] * uy[:, 0] + center_b[:, 1] * uy[:, 1]
     hx, hy = 0.5 * b[:, 3], 0.5 * b[:, 4]
     for normal, off in ((ux, px + hx), (uy, py + hy), (-ux, hx - px), (-uy, hy - py)):
         verts, count = _clip_halfplane(verts, count, normal, off)
@@ -120,27 +122,36 @@ def _pair_intersection(a: torch.Tensor, b: torch.Tensor):
     return inter, area_a, area_b
 
 
-def _overlap_candidates(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """`[N, M]` bool: pairs whose circumscribed BEV circles meet (a superset of overlapping)."""
+def _candidate_pairs(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index pairs `(i [P], j [P])` whose circumscribed BEV circles meet (a superset of the
+    overlapping pairs), sorted by i. A sweep over x (b sorted by x, a window per box of a)
+    keeps the work near the number of nearby pairs rather than N x M."""
+    n, m = a.shape[0], b.shape[0]
+    dev = a.device
     ra = 0.5 * torch.hypot(a[:, 3], a[:, 4])
     rb = 0.5 * torch.hypot(b[:, 3], b[:, 4])
-    dist = torch.cdist(a[:, :2], b[:, :2])
-    return dist <= (ra[:, None] + rb[None, :]) * (1 + 1e-9) + 1e-9
+    xb, order = torch.sort(b[:, 0])
+    reach = (ra + rb.max()) * (1 + 1e-9) + 1e-9
+    lo = torch.searchsorted(xb, a[:, 0] - reach, side="left")
+    hi = torch.searchsorted(xb, a[:, 0] + reach, side="right")
+    cnt = (hi - lo).clamp(min=0)
+    i = torch.repeat_interleave(torch.arange(n, device=dev), cnt)
+    first = torch.repeat_interleave(torch.cumsum(cnt, 0) - cnt, cnt)
+    j = order[lo[i] + torch.arange(i.numel(), device=dev) - first]
+    d2 = (a[i, 0] - b[j, 0]) ** 2 + (a[i, 1] - b[j, 1]) ** 2
+    r = (ra[i] + rb[j]) * (1 + 1e-9) + 1e-9
+    ok = d2 <= r * r
+    return i[ok], j[ok]
 
 
-def _pairwise(a: torch.Tensor, b: torch.Tensor, mode: str) -> torch.Tensor:
-    a = _check(a, "a")
-    b = _check(b, "b")
-    out_dtype = torch.promote_types(a.dtype, b.dtype)
-    n, m = a.shape[0], b.shape[0]
-    a64, b64 = a.to(torch.float64), b.to(torch.float64)
-    result = torch.zeros((n, m), dtype=torch.float64, device=a.device)
-    if n == 0 or m == 0:
-        return result.to(out_dtype)
-    ii, jj = torch.nonzero(_overlap_candidates(a64, b64), as_tuple=True)
+def _pair_values(a64: torch.Tensor, b64: torch.Tensor, ii: torch.Tensor, jj: torch.Tensor,
+                 mode: str) -> torch.Tensor:
+    """`[P]` float64 intersection area ("inter"), BEV IoU ("bev") or 3D IoU ("3d") of the pairs
+    `(a64[ii], b64[jj])`, computed in chunks."""
+    out = torch.zeros(ii.numel(), dtype=torch.float64, device=a64.device)
     for start in range(0, ii.numel(), _CHUNK_PAIRS):
-        i, j = ii[start:start + _CHUNK_PAIRS], jj[start:start + _CHUNK_PAIRS]
-        pa, pb = a64[i], b64[j]
+        sl = slice(start, start + _CHUNK_PAIRS)
+        pa, pb = a64[ii[sl]], b64[jj[sl]]
         inter, area_a, area_b = _pair_intersection(pa, pb)
         if mode == "inter":
             val = inter
@@ -153,9 +164,21 @@ def _pairwise(a: torch.Tensor, b: torch.Tensor, mode: str) -> torch.Tensor:
             # Heights as top - bottom (not dz) so that identical boxes give exactly 1.
             vol_a, vol_b = area_a * (top_a - bot_a), area_b * (top_b - bot_b)
             val = inter3 / (vol_a + vol_b - inter3).clamp(min=1e-300)
-        if mode != "inter":
-            val = val.clamp(0.0, 1.0)
-        result[i, j] = val
+        out[sl] = val if mode == "inter" else val.clamp(0.0, 1.0)
+    return out
+
+
+def _pairwise(a: torch.Tensor, b: torch.Tensor, mode: str) -> torch.Tensor:
+    a = _check(a, "a")
+    b = _check(b, "b")
+    out_dtype = torch.promote_types(a.dtype, b.dtype)
+    n, m = a.shape[0], b.shape[0]
+    a64, b64 = a.to(torch.float64), b.to(torch.float64)
+    result = torch.zeros((n, m), dtype=torch.float64, device=a.device)
+    if n == 0 or m == 0:
+        return result.to(out_dtype)
+    ii, jj = _candidate_pairs(a64, b64)
+    result[ii, jj] = _pair_values(a64, b64, ii, jj, mode)
     return result.to(out_dtype)
 
 
@@ -206,8 +229,9 @@ def nms_bev(
     """Greedy rotated non-maximum suppression on BEV IoU.
 
     Boxes are visited by descending score (ties: lower index first); a box is kept unless its
-    BEV IoU with an already kept box is strictly greater than `iou_threshold`. The IoU matrix of
-    the (at most `pre_max`) candidates is computed once; the greedy pass then walks it.
+    BEV IoU with an already kept box is strictly greater than `iou_threshold`. The IoUs of the
+    nearby pairs of the (at most `pre_max`) candidates are computed once, in one batch; the greedy
+    pass then walks the list of overlapping pairs.
 
     Args:
         boxes: `[N, 7]` LiDAR boxes.
@@ -233,8 +257,15 @@ def nms_bev(
         order = order[: int(pre_max)]
     if order.numel() == 0:
         return order.to(torch.int64)
-    over = (iou_bev(boxes[order], boxes[order]) > iou_threshold).cpu().numpy()
+    cand = boxes[order].to(torch.float64)
+    ii, jj = _candidate_pairs(cand, cand)
+    upper = ii < jj  # j ranks below i
+    ii, jj = ii[upper], jj[upper]
+    over = _pair_values(cand, cand, ii, jj, "bev") > iou_threshold
+    ii, jj = ii[over].cpu().numpy(), jj[over].cpu().numpy()  # still sorted by ii
     k = order.numel()
+    starts = np.searchsorted(ii, np.arange(k), side="left")
+    ends = np.searchsorted(ii, np.arange(k), side="right")
     suppressed = np.zeros(k, dtype=bool)
     keep = []
     limit = k if max_out is None else int(max_out)
@@ -244,6 +275,6 @@ def nms_bev(
         if suppressed[i]:
             continue
         keep.append(i)
-        suppressed |= over[i]
+        suppressed[jj[starts[i]:ends[i]]] = True
     keep_t = torch.as_tensor(keep, dtype=torch.int64, device=order.device)
     return order[keep_t].to(torch.int64)
