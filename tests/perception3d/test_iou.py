@@ -169,3 +169,16 @@ def test_nms_bad_input():
     with pytest.raises(DataError, match="iou_threshold"):
         nms_bev(torch.zeros(3, 7), torch.zeros(3), 1.5)
     assert nms_bev(torch.zeros(0, 7), torch.zeros(0), 0.5).shape == (0,)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_iou_and_nms_follow_the_device():
+    a, b = _random_pairs(200, seed=5)
+    for fn in (iou_bev, iou_3d):
+        out = fn(a.cuda(), b.cuda())
+        assert out.device.type == "cuda"
+        assert (out.cpu() - fn(a, b)).abs().max() <= 1e-12
+    scores = torch.linspace(1, 0, 200, dtype=torch.float64)
+    keep = nms_bev(a.cuda(), scores.cuda(), 0.2)
+    assert keep.device.type == "cuda" and keep.cpu().tolist() == nms_bev(a, scores, 0.2).tolist()
