@@ -1,8 +1,9 @@
 """KITTI-style and nuScenes-style 3D detection metrics (CPU, numpy + torch).
 
 Inputs are one `FrameGT` and one `structures.Detections3D` per frame, boxes in the LiDAR frame
-(`(x, y, z, dx, dy, dz, yaw)`, see `perception3d/design.md`). Class names map to label ids by
-their position in `class_names` (default `structures.CLASSES`). All APs are in percent (0-100).
+(`(x, y, z, dx, dy, dz, yaw)`, see `perception3d/design.md`). A label id is a position in
+`class_names`, which defaults to the evaluated `classes` themselves (so with the default classes,
+`structures.CLASSES`: Car 0, Pedestrian 1, Cyclist 2). All APs are in percent (0-100).
 
 KITTI (`kitti_ap`, `kitti_ap_by_distance`)
     * Matching, per frame and class: detections are visited by descending score; each takes the
@@ -33,7 +34,9 @@ nuScenes (`nuscenes_map`)
       monotone envelope, precision 0 beyond the largest recall) at the 101 recall points
       `0, 0.01, ..., 1`; AP = mean over the points with recall > 0.1 (indices 11..100) of
       `max(0, (precision - 0.1) / (1 - 0.1))` -- the nuScenes devkit's normalisation.
-    * No nuScenes attribute/velocity/TP-error metrics, no range filtering of boxes.
+    * GT with `difficulty == -1` are ignored (not counted; detections matched to them are
+      dropped), e.g. to mark boxes outside the evaluated range; other difficulties are unused.
+    * No nuScenes attribute/velocity/TP-error metrics and no built-in range filtering.
 
 A class with no valid GT gets AP `nan`; the means skip `nan`.
 """
@@ -173,6 +176,8 @@ def _check_inputs(gts, dets, classes, class_names):
             raise DataError(f"gts[{i}]: expected a FrameGT, got {type(g).__name__}")
         if not isinstance(d, Detections3D):
             raise DataError(f"dets[{i}]: expected a Detections3D, got {type(d).__name__}")
+    if class_names is None:
+        class_names = tuple(classes)
     ids = {}
     for c in classes:
         if c not in class_names:
@@ -321,11 +326,11 @@ def _thresholds(classes, iou_thresholds) -> dict:
 def kitti_ap(
     gts: Sequence[FrameGT],
     dets: Sequence[Detections3D],
-    classes: Sequence[str] = ("Car", "Pedestrian", "Cyclist"),
+    classes: Sequence[str] = CLASSES,
     iou_thresholds: Mapping[str, float] = _DEFAULT_IOU,
     metric: str = "3d",
     num_recall_points: int = 40,
-    class_names: Sequence[str] = CLASSES,
+    class_names: Sequence[str] | None = None,
 ) -> dict:
     """KITTI-style AP per class and difficulty (rules in the module docstring).
 
@@ -336,7 +341,7 @@ def kitti_ap(
         iou_thresholds: IoU threshold per class (a detection matches if IoU > threshold).
         metric: "3d" (3D IoU) or "bev" (rotated BEV IoU).
         num_recall_points: 40 (R40) or 11 (R11).
-        class_names: label id -> name (`class_names[label]`).
+        class_names: label id -> name (`class_names[label]`); None: `classes` itself.
 
     Returns:
         `{class: {"easy": AP, "moderate": AP, "hard": AP}, ..., "mAP": {difficulty: mean}}`,
@@ -360,22 +365,41 @@ def kitti_ap(
     return result
 
 
+def _parse_bins(distance_bins_m) -> list[tuple[float, float]]:
+    items = list(distance_bins_m)
+    if items and all(np.ndim(x) == 0 for x in items):  # edges form: (e0, e1, ..., ek)
+        edges = [float(x) for x in items]
+        if len(edges) < 2 or edges[0] < 0 or any(b <= a for a, b in zip(edges, edges[1:])):
+            raise DataError(f"distance_bins_m: expected increasing non-negative edges, got {tuple(items)}")
+        return list(zip(edges[:-1], edges[1:]))
+    bins = []
+    for b in items:
+        if np.ndim(b) != 1 or len(b) != 2 or not 0 <= float(b[0]) < float(b[1]):
+            raise DataError(f"distance_bins_m: expected (lo, hi) pairs with 0 <= lo < hi, got {b!r}")
+        bins.append((float(b[0]), float(b[1])))
+    if not bins:
+        raise DataError("distance_bins_m: expected at least one bin")
+    return bins
+
+
 def kitti_ap_by_distance(
     gts: Sequence[FrameGT],
     dets: Sequence[Detections3D],
-    classes: Sequence[str] = ("Car", "Pedestrian", "Cyclist"),
+    classes: Sequence[str] = CLASSES,
     iou_thresholds: Mapping[str, float] = _DEFAULT_IOU,
     metric: str = "3d",
     num_recall_points: int = 40,
     distance_bins_m: Sequence[tuple[float, float]] = ((0.0, 20.0), (20.0, 40.0), (40.0, 70.0)),
     difficulty: int | None = None,
-    class_names: Sequence[str] = CLASSES,
+    class_names: Sequence[str] | None = None,
 ) -> dict:
     """KITTI-style AP restricted to BEV range bins `[lo, hi)` metres from the sensor.
 
     Args:
         gts, dets, classes, iou_thresholds, metric, num_recall_points, class_names: as `kitti_ap`.
-        distance_bins_m: `(lo, hi)` pairs, metres, range = `hypot(x, y)` of the box centre.
+        distance_bins_m: `(lo, hi)` pairs, metres, or increasing edges `(e0, e1, ..., ek)`
+            meaning the bins `[e0, e1), ..., [e(k-1), ek)`; range = `hypot(x, y)` of the box
+            centre in the LiDAR frame.
         difficulty: None: every GT of the class in the bin is valid regardless of its
             difficulty; 0/1/2: only GT with `0 <= difficulty <= d` are valid (others ignored).
 
@@ -388,11 +412,7 @@ def kitti_ap_by_distance(
     thr = _thresholds(classes, iou_thresholds)
     if difficulty is not None and difficulty not in (0, 1, 2):
         raise DataError(f"difficulty: expected None, 0, 1 or 2, got {difficulty!r}")
-    bins = []
-    for b in distance_bins_m:
-        if len(b) != 2 or not 0 <= float(b[0]) < float(b[1]):
-            raise DataError(f"distance_bins_m: expected (lo, hi) with 0 <= lo < hi, got {b!r}")
-        bins.append((float(b[0]), float(b[1])))
+    bins = _parse_bins(distance_bins_m)
     keys = [f"{lo:g}-{hi:g}m" for lo, hi in bins]
 
     def in_bin(boxes, lo, hi):
@@ -437,18 +457,18 @@ def _nuscenes_ap(scores: np.ndarray, is_tp: np.ndarray, num_gt: int,
 def nuscenes_map(
     gts: Sequence[FrameGT],
     dets: Sequence[Detections3D],
-    classes: Sequence[str] = ("Car", "Pedestrian", "Cyclist"),
+    classes: Sequence[str] = CLASSES,
     dist_thresholds: Sequence[float] = (0.5, 1.0, 2.0, 4.0),
-    class_names: Sequence[str] = CLASSES,
+    class_names: Sequence[str] | None = None,
 ) -> dict:
     """nuScenes-style AP on BEV centre distance (rules in the module docstring).
 
     Args:
-        gts: one `FrameGT` per frame (difficulty is not used).
+        gts: one `FrameGT` per frame (only `difficulty == -1`, "ignored", is used).
         dets: one `Detections3D` per frame.
         classes: class names to evaluate.
         dist_thresholds: match distances, metres (a match needs distance < threshold).
-        class_names: label id -> name.
+        class_names: label id -> name; None: `classes` itself.
 
     Returns:
         `{class: {threshold: AP, ...}, ..., "mAP": mean over classes and thresholds}`, AP in
@@ -468,10 +488,15 @@ def nuscenes_map(
         for t in ths:
             frames = _per_class_matches(gts, dets, ids[c], neg_dist, -t)
             scores, tps, num_gt = [], [], 0
-            for gt_boxes, _, _, det_scores, matched in frames:
-                num_gt += gt_boxes.shape[0]
-                scores.append(det_scores)
-                tps.append(matched >= 0)
+            for _, gt_diff, _, det_scores, matched in frames:
+                counted_gt = (gt_diff >= 0).numpy()
+                num_gt += int(counted_gt.sum())
+                hit = matched >= 0
+                tp = np.zeros_like(hit)
+                tp[hit] = counted_gt[matched[hit]]
+                keep = tp | ~hit  # matched to a difficulty -1 GT: dropped
+                scores.append(det_scores[keep])
+                tps.append(tp[keep])
             result[c][t] = _nuscenes_ap(np.concatenate(scores) if scores else np.zeros(0),
                                         np.concatenate(tps) if tps else np.zeros(0, bool), num_gt)
     per_class = [_nan_mean(result[c].values()) for c in classes]

@@ -216,3 +216,33 @@ def test_nuscenes_hand_computed_curve():
     res = nuscenes_map(gts, dets, classes=("Car",))
     expected = 100 * sum(0.01 * k for k in range(1, 41)) / 0.9 / 90
     assert res["Car"][2.0] == pytest.approx(expected, abs=1e-9)
+
+
+def test_distance_bins_as_edges():
+    gts = [_cars([10.0, 30.0, 50.0])]
+    dets = [_dets([_box(60.0, 0.0), _box(10.0, 0.0), _box(50.0, 0.0)], [0.99, 0.8, 0.7], [0, 0, 0])]
+    res = kitti_ap_by_distance(gts, dets, classes=("Car",), distance_bins_m=(0.0, 20.0, 40.0, 70.4))
+    assert res["Car"] == {"0-20m": 100.0, "20-40m": 0.0, "40-70.4m": 50.0}
+    with pytest.raises(DataError, match="distance_bins_m"):
+        kitti_ap_by_distance(gts, dets, classes=("Car",), distance_bins_m=(20.0, 10.0))
+
+
+def test_label_ids_follow_class_names():
+    # A Pedestrian box with label 1 (structures.CLASSES ids) and a Car box with label 0.
+    gts = [FrameGT(torch.tensor([_box(10.0, 0.0, 1), _box(20.0, 0.0, 0)]), torch.tensor([1, 0]))]
+    dets = [_dets([_box(20.0, 0.0, 0)], [0.9], [0])]
+    # classes=("Pedestrian",) alone: ids index into classes, so label 0 (the Car) is "Pedestrian".
+    res = kitti_ap(gts, dets, classes=("Pedestrian",), metric="bev")
+    assert res["Pedestrian"]["easy"] == 100.0
+    # With the full name list, label 0 is Car: the pedestrian is missed.
+    res = kitti_ap(gts, dets, classes=("Pedestrian",), metric="bev", class_names=("Car", "Pedestrian", "Cyclist"))
+    assert res["Pedestrian"]["easy"] == 0.0
+
+
+def test_nuscenes_ignores_difficulty_minus_one():
+    # GT at 10 (counted), 20 (counted), 30 (ignored); detections on 30 (highest) and 10.
+    gts = [_cars([10.0, 20.0, 30.0], diff=[2, 0, -1])]
+    dets = [_dets([_box(30.0, 0.0), _box(10.0, 0.0)], [0.9, 0.8], [0, 0])]
+    res = nuscenes_map(gts, dets, classes=("Car",), dist_thresholds=(1.0,))
+    # Counted: one TP at recall 1/2, precision 1 -> p = 1 for r <= 0.5: 40 of the 90 points.
+    assert res["Car"][1.0] == pytest.approx(100 * 40 / 90, abs=1e-9)
