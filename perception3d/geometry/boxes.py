@@ -179,13 +179,14 @@ def kitti_camera_to_boxes_lidar(boxes_cam: torch.Tensor, calib: KittiCalibration
     return out.to(boxes_cam.dtype)
 
 
-def points_in_boxes(points: torch.Tensor, boxes: torch.Tensor, chunk_size: int = 65536) -> torch.Tensor:
+def points_in_boxes(points: torch.Tensor, boxes: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
     """Which points lie inside which boxes (boundary included).
 
     Args:
         points: `[N, >=3]` LiDAR points, metres (extra columns such as intensity are ignored).
         boxes: `[M, 7]` LiDAR boxes.
-        chunk_size: points processed at a time (bounds memory at `chunk_size * M * 3` values).
+        chunk_size: points processed at a time (memory ~ `chunk_size * M * 3` values); None:
+            about 2**22 / M.
 
     Returns:
         `[N, M]` bool, `True` where point n is inside box m.
@@ -200,6 +201,8 @@ def points_in_boxes(points: torch.Tensor, boxes: torch.Tensor, chunk_size: int =
     b = boxes.to(dtype)
     c, s = torch.cos(b[:, 6]), torch.sin(b[:, 6])  # [M]
     half = 0.5 * b[:, 3:6]  # [M, 3]
+    if chunk_size is None:
+        chunk_size = max(1024, (1 << 22) // m)
     for start in range(0, n, chunk_size):
         p = points[start:start + chunk_size, :3].to(dtype)
         rel = p[:, None, :] - b[None, :, :3]  # [n, M, 3]
