@@ -135,21 +135,23 @@ def test_eval_mode_with_bias_matches_dense(subm: bool):
     assert (out.feats - ref).abs().max().item() <= 1e-4
 
 
-def test_spconv_native_kernels_are_wrong_with_two_threads():
-    """Regression guard for fix (c): spconv's own CPU scatter-add is wrong with 2 threads.
+def test_wider_conv_two_threads_and_native_single_thread():
+    """16 channels, 6000 voxels, 2 threads: patched == dense; spconv's own kernels with 1 thread too.
 
-    If this starts failing, spconv fixed its kernel and fix (c) may no longer be needed.
+    (spconv's kernels with 2 threads are wrong only when both threads really run at once, so that
+    failure is load-dependent and not asserted here; the dense comparisons above catch it.)
     """
     torch.manual_seed(0)
     sv = random_voxels(7, n=6000, c=16)
     conv = spconv.SubMConv3d(16, 16, 3, bias=False)
     with torch.no_grad():
         ref = gather_sites(F.conv3d(sv.dense(), dense_weight(conv), padding=1), sv.coords)
-        with spconv_native_cpu_kernels():
-            bad = conv(sv.to_spconv()).features
         good = conv(sv.to_spconv()).features
+        torch.set_num_threads(1)
+        with spconv_native_cpu_kernels():
+            native = conv(sv.to_spconv()).features
     assert (good - ref).abs().max().item() <= 1e-4
-    assert (bad - ref).abs().max().item() > 1e-2
+    assert (native - ref).abs().max().item() <= 1e-4
 
 
 def test_sparse_voxels_roundtrip_and_dense():
