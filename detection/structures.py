@@ -143,9 +143,9 @@ def collate(samples: Sequence[Mapping[str, Any]]) -> DetectionBatch:
     """Packs per-frame samples into one :class:`DetectionBatch` (on the CPU).
 
     Args:
-        samples: per frame a mapping with ``points`` ``[n, C]`` (numpy or torch; cast to float32),
-            ``gt_boxes`` ``[m, 7]``, ``gt_labels`` ``[m]`` (cast to int64) and ``frame_id`` (str).
-            All frames must have the same number of point columns ``C``.
+        samples: per frame a mapping (or an object with these attributes) with ``points``
+            ``[n, C]`` (numpy or torch; cast to float32), ``gt_boxes`` ``[m, 7]``, ``gt_labels``
+            ``[m]`` (cast to int64) and ``frame_id`` (str). All frames must have the same number of point columns ``C``.
 
     Returns:
         The packed batch.
@@ -157,8 +157,11 @@ def collate(samples: Sequence[Mapping[str, Any]]) -> DetectionBatch:
     if len(samples) == 0:
         raise DataError("collate: got no samples")
     points, boxes, labels, ids = [], [], [], []
+    keys = ("points", "gt_boxes", "gt_labels", "frame_id")
     for i, s in enumerate(samples):
-        missing = [k for k in ("points", "gt_boxes", "gt_labels", "frame_id") if k not in s]
+        if not isinstance(s, Mapping):  # a dataclass / namedtuple sample with these attributes
+            s = {k: getattr(s, k) for k in keys if hasattr(s, k)}
+        missing = [k for k in keys if k not in s]
         fid = str(s.get("frame_id", f"#{i}"))
         if missing:
             raise DataError(f"collate: sample {fid!r} lacks {missing}")

@@ -18,7 +18,7 @@ __all__ = ["BEVBackbone"]
 def _conv_bn_relu(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
     return [
         nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
-        nn.BatchNorm2d(cout, eps=1e-3, momentum=0.01),
+        nn.BatchNorm2d(cout, eps=1e-3, momentum=0.1),
         nn.ReLU(inplace=True),
     ]
 
@@ -35,6 +35,9 @@ class BEVBackbone(nn.Module):
             ``s`` (transposed conv), ``s < 1`` downsamples by ``round(1 / s)`` (strided conv).
             All deblock outputs must reach the same resolution.
         num_upsample_filters: output channels of each deblock.
+
+    BatchNorm uses eps 1e-3 (as SECOND) and PyTorch's momentum 0.1 (SECOND's 0.01 suits long
+    schedules; our CPU runs are short and evaluate after a few hundred steps).
 
     Attributes:
         out_channels: ``sum(num_upsample_filters)``, channels of the output.
@@ -84,7 +87,7 @@ class BEVBackbone(nn.Module):
                 k = int(round(1.0 / u))
                 deblock = [nn.Conv2d(num_filters[i], num_upsample_filters[i], k, stride=k, bias=False)]
                 out_factors.append(cum_stride * k)
-            deblock += [nn.BatchNorm2d(num_upsample_filters[i], eps=1e-3, momentum=0.01), nn.ReLU(inplace=True)]
+            deblock += [nn.BatchNorm2d(num_upsample_filters[i], eps=1e-3, momentum=0.1), nn.ReLU(inplace=True)]
             self.deblocks.append(nn.Sequential(*deblock))
             cin = num_filters[i]
         if len(set(out_factors)) != 1:

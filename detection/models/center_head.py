@@ -91,7 +91,8 @@ class CenterHeadOptions:
 
     def __post_init__(self) -> None:
         if len(self.code_weights) != CODE_SIZE:
-            raise ValueError(f"CenterHeadOptions.code_weights: expected {CODE_SIZE} values, got {len(self.code_weights)}")
+            raise ValueError(f"CenterHeadOptions.code_weights: expected {CODE_SIZE} values, "
+                             f"got {len(self.code_weights)}")
         if self.head_conv_layers < 1:
             raise ValueError(f"CenterHeadOptions.head_conv_layers must be >= 1, got {self.head_conv_layers}")
         if not 0.0 < self.gaussian_overlap < 1.0:
