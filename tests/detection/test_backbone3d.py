@@ -78,7 +78,7 @@ def test_one_vs_two_threads_train_forward_backward():
     (the bug fixed in perception3d.sparse) gives O(1) errors in float64 too."""
     torch.manual_seed(0)
     net = SparseBackbone3D(4, GRID, channels=(8, 16, 16, 16), out_channels=16).double()
-    sv = _double(surface_voxels(1))
+    sv = _double(surface_voxels(1, n=500))
     a = _run(net, sv, 1)
     b = _run(net, sv, 2)
     assert (a[0] - b[0]).abs().max().item() <= 1e-8
@@ -90,7 +90,7 @@ def test_matches_spconv_native_single_thread():
     """Our patched kernels with 2 threads equal spconv's own kernels with 1 thread (their correct case)."""
     torch.manual_seed(0)
     net = SparseBackbone3D(4, GRID, channels=(8, 16, 16, 16), out_channels=16).double()
-    sv = _double(surface_voxels(2))
+    sv = _double(surface_voxels(2, n=500))
     ours = _run(net, sv, 2)
     with spconv_native_cpu_kernels():
         ref = _run(net, sv, 1)
