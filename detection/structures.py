@@ -145,7 +145,8 @@ def collate(samples: Sequence[Mapping[str, Any]]) -> DetectionBatch:
     Args:
         samples: per frame a mapping (or an object with these attributes) with ``points``
             ``[n, C]`` (numpy or torch; cast to float32), ``gt_boxes`` ``[m, 7]``, ``gt_labels``
-            ``[m]`` (cast to int64) and ``frame_id`` (str). All frames must have the same number of point columns ``C``.
+            ``[m]`` (cast to int64) and ``frame_id`` (str). All frames must have the same number
+            of point columns ``C``.
 
     Returns:
         The packed batch.

@@ -10,7 +10,9 @@ voxel) -> ``SparseVoxels(feats [V, 4], coords [V, 4] (b, z, y, x))`` -> ``Sparse
 
 The defaults are chosen to train on a 2-core CPU: voxels of 0.1 m on the KITTI front range
 (70.4 x 80 x 4 m: a 40 x 800 x 704 grid; 40 z voxels collapse to one BEV slice), a 100 x 88 BEV
-map of 0.8 m cells and a slimmer BEV backbone than SECOND's (64/128 filters, 3 + 3 layers).
+map of 0.8 m cells and a slimmer BEV backbone than SECOND's (64/128 filters, 3 + 3 layers):
+1.83 M parameters; one training step (forward + backward) on a 30k-point synthetic frame
+(19k voxels) takes about 0.85 s with 2 threads on an idle 2-core CPU, eval about 0.27 s.
 """
 from __future__ import annotations
 

@@ -79,6 +79,15 @@ def test_config_derived_properties_and_validation():
         ModelConfig(vfe="pillar")
 
 
+def test_config_from_dict_round_trip():
+    from perception3d.config import config_to_dict, from_dict
+
+    cfg = from_dict(ModelConfig, {"voxel_size_m": [0.2, 0.2, 0.1], "backbone3d_stride": 4,
+                                  "head": {"nms_iou": 0.1}})
+    assert cfg.bev_stride == 4 and cfg.bev_cell_m == pytest.approx((0.8, 0.8)) and cfg.head.nms_iou == 0.1
+    assert from_dict(ModelConfig, config_to_dict(cfg)) == cfg
+
+
 def test_forward_shapes_train_and_eval():
     torch.manual_seed(0)
     cfg = _tiny_cfg()
