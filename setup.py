@@ -17,6 +17,7 @@ setup(
         "torch>=2.1",
         "spconv==2.3.8",
         "numpy>=1.24",
+        "numba>=0.59",
         "pyyaml>=6",
         "tqdm>=4.60",
         "tensorboard>=2.14",

@@ -15,10 +15,11 @@ on a CPU-only machine:
     ``ops.indice_conv`` / ``ops.indice_conv_backward`` (the only algorithm of the CPU-only build)
     runs, per kernel offset, ``SpconvOps.gather_cpu -> torch.mm -> SpconvOps.scatter_add_cpu``.
     ``scatter_add_cpu`` returns wrong sums when torch runs more than one thread (max error ~0.6
-    on a 24^3 / 3000-voxel test). The patched functions compute the same gather / per-offset GEMM /
-    scatter in torch from spconv's pair tables, with the pairs of all offsets concatenated: one
-    ``index_select`` gather, one ``mm`` per kernel offset, one exact sequential scatter-add (a small numba loop,
-    falling back to ``torch.index_add_``; the backward likewise). Exact for any thread count. CUDA tensors still go to spconv's functions.
+    on a 24^3 / 3000-voxel test). The patched functions turn spconv's pair tables into kernel
+    maps (output row x offset -> input row, cached on the pair tensor) and run the multi-threaded
+    numba kernels of :mod:`perception3d.ops.kernel_map`: each output row is summed by one thread
+    in a fixed order, so results are exact and identical for any thread count. CUDA tensors
+    still go to spconv's functions.
 
 The patched module is exported as :data:`spconv` (``spconv.pytorch``); other modules should use
 ``from perception3d.sparse import spconv`` so the fixes are guaranteed to be in place.
@@ -41,6 +42,7 @@ from spconv.pytorch import ops as _ops
 from cumm import tensorview as _tv
 
 from perception3d.errors import DataError
+from perception3d.ops import kernel_map as _km
 
 __all__ = [
     "spconv",
@@ -80,86 +82,58 @@ def _patch_current_stream() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# fixes (b) and (c): torch implementation of the native CPU gather-GEMM-scatter path
+# fixes (b) and (c): kernel-map convolution on CPU (perception3d.ops.kernel_map)
 # --------------------------------------------------------------------------------------------
-try:  # numba: a plain sequential row scatter-add, ~5x faster than torch's CPU index_add_ here
-    import numba as _numba
+def _kernel_maps(
+    indice_pairs: torch.Tensor, indice_pair_num: torch.Tensor, inverse: bool, subm: bool,
+    num_in: int, num_out: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """spconv's per-offset pair lists as kernel maps: ``(nbr [N_out, K], nbr_t [N_in, K])``.
 
-    @_numba.njit(cache=True, nogil=True)
-    def _nb_scatter_add_rows(out, idx, src):  # pragma: no cover - compiled
-        c = src.shape[1]
-        for i in range(idx.shape[0]):
-            r = idx[i]
-            for j in range(c):
-                out[r, j] += src[i, j]
+    ``indice_pairs`` is ``[2, K, max_pairs]`` (input row, output row) per offset with
+    ``indice_pair_num[k]`` valid pairs; ``inverse`` swaps the roles of the two rows. For submanifold
+    convs spconv fills the pair counts of the first half of the kernel only (offset k > K/2 has as
+    many pairs as its mirror K-1-k) and leaves out the centre offset, which is the identity.
 
-except ImportError:  # pragma: no cover
-    _nb_scatter_add_rows = None
-
-
-def _scatter_add_rows_(out: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """``out[idx[i]] += src[i]`` for all i, exact and deterministic for any torch thread count.
-
-    Args:
-        out: [N, C] contiguous CPU tensor, updated in place.
-        idx: [M] int32/int64 row indices into ``out``.
-        src: [M, C] rows to add.
-
-    Returns:
-        ``out``. Uses a sequential numba loop for float32/float64, else ``torch.index_add_``.
+    The maps are cached on the ``indice_pairs`` tensor itself: the layers sharing an
+    ``indice_key`` and the backward pass reuse them, and they are freed with the pairs.
     """
-    if (
-        _nb_scatter_add_rows is not None
-        and out.dtype in (torch.float32, torch.float64)
-        and src.dtype == out.dtype
-        and out.is_contiguous()
-        and not out.requires_grad
-    ):
-        src = src.contiguous()
-        _nb_scatter_add_rows(out.numpy(), idx.contiguous().numpy(), src.numpy())
-        return out
-    return out.index_add_(0, idx, src)
+    key = (bool(inverse), bool(subm), int(num_in), int(num_out))
+    cache = getattr(indice_pairs, "_p3d_kernel_maps", None)
+    if cache is not None and key in cache:
+        return cache[key]
+    maps = _build_kernel_maps(indice_pairs, indice_pair_num, inverse, subm, num_in, num_out)
+    try:
+        if cache is None:
+            cache = indice_pairs._p3d_kernel_maps = {}
+        cache[key] = maps
+    except AttributeError:  # pragma: no cover - tensors normally accept attributes
+        pass
+    return maps
 
 
-def _offset_pairs(
-    indice_pairs: torch.Tensor, indice_pair_num: torch.Tensor, inverse: bool, subm: bool
-) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, int]], int]:
-    """Pairs of all kernel offsets concatenated (offset-major), like spconv's per-offset loop.
-
-    For submanifold convs spconv stores the pair counts of the first half of the kernel only; the
-    second half mirrors it (offset k has as many pairs as offset K-1-k). The centre offset of a
-    submanifold conv is the identity and is left to the caller.
-
-    Returns:
-        in_idx: [M] int32 input rows.
-        out_idx: [M] int32 output rows (unique within one offset).
-        segments: (k, start, end) row ranges of each offset with pairs.
-        center: index of the centre offset, K // 2.
-    """
+def _build_kernel_maps(indice_pairs, indice_pair_num, inverse, subm, num_in, num_out):
     nums = indice_pair_num.detach().cpu().tolist()
     kv = len(nums)
     center = kv // 2
     pair_in = indice_pairs[int(inverse)]
     pair_out = indice_pairs[int(not inverse)]
-    ins, outs, segments = [], [], []
-    pos = 0
+    ins, outs, offs = [], [], []
     for k in range(kv):
-        n = nums[k]
-        if subm:
-            if k == center:
-                continue
-            if k > center:
-                n = nums[kv - k - 1]
-        if n <= 0:
-            continue
-        ins.append(pair_in[k, :n])
-        outs.append(pair_out[k, :n])
-        segments.append((k, pos, pos + n))
-        pos += n
-    if not segments:
-        e = torch.zeros(0, dtype=indice_pairs.dtype, device=indice_pairs.device)
-        return e, e, segments, center
-    return torch.cat(ins), torch.cat(outs), segments, center
+        n = nums[kv - k - 1] if subm and k > center else nums[k]
+        if subm and k == center:
+            ident = torch.arange(num_out, dtype=torch.int32)
+            ins.append(ident)
+            outs.append(ident)
+            offs.append(torch.full((num_out,), k, dtype=torch.int32))
+        elif n > 0:
+            ins.append(pair_in[k, :n])
+            outs.append(pair_out[k, :n])
+            offs.append(torch.full((n,), k, dtype=torch.int32))
+    if not ins:
+        return (torch.full((num_out, kv), -1, dtype=torch.int32), torch.full((num_in, kv), -1, dtype=torch.int32))
+    i, o, k = torch.cat(ins), torch.cat(outs), torch.cat(offs)
+    return _km.kernel_map(i, o, k, num_out, kv), _km.transpose_kernel_map(i, o, k, num_in, kv)
 
 
 def _apply_bias_act(out: torch.Tensor, bias: Optional[torch.Tensor], act_alpha, act_type) -> torch.Tensor:
@@ -193,11 +167,7 @@ def _torch_indice_conv(
     act_beta: float = 0.0,
     act_type=_tv.gemm.Activation.None_,
 ) -> torch.Tensor:
-    """Drop-in for ``spconv.pytorch.ops.indice_conv``: CPU in torch, CUDA to spconv.
-
-    The CPU path gathers the inputs of all (input, output, offset) pairs at once, multiplies each
-    offset's rows by that offset's ``[C_in, C_out]`` weights, and scatter-adds all products into
-    the outputs with one ``torch.index_add_`` (exact for any number of threads).
+    """Drop-in for ``spconv.pytorch.ops.indice_conv``: CPU through the kernel map, CUDA to spconv.
 
     Args:
         features: [N_in, C_in] float input features.
@@ -211,25 +181,15 @@ def _torch_indice_conv(
         act_alpha, act_type: optional fused activation (eval mode).
 
     Returns:
-        [N_out, C_out] output features.
+        [N_out, C_out] output features; exact and identical for any number of threads.
     """
     if features.is_cuda:
         return _ORIG_INDICE_CONV(features, filters, indice_pairs, indice_pair_num, num_activate_out,
                                  inverse, subm, algo, timer, bias, act_alpha, act_beta, act_type)
-    features = features.contiguous()
     c_out = filters.shape[0]
-    w = filters.reshape(c_out, -1, filters.shape[-1])  # [Cout, K, Cin]
-    in_idx, out_idx, segments, center = _offset_pairs(indice_pairs, indice_pair_num, inverse, subm)
-    if subm:
-        out = torch.mm(features, w[:, center].t())
-    else:
-        out = features.new_zeros((int(num_activate_out), c_out))
-    if segments:
-        x = features.index_select(0, in_idx)  # [M, Cin]: one gather for all offsets
-        y = features.new_empty((x.shape[0], c_out))
-        for k, a, b in segments:
-            torch.mm(x[a:b], w[:, k].t(), out=y[a:b])
-        _scatter_add_rows_(out, out_idx, y)  # one exact scatter-add for all offsets
+    w = filters.reshape(c_out, -1, filters.shape[-1]).permute(1, 2, 0)  # [K, Cin, Cout]
+    nbr, _ = _kernel_maps(indice_pairs, indice_pair_num, inverse, subm, features.shape[0], int(num_activate_out))
+    out = _km.conv_forward(features, w.to(features.dtype), nbr, features.new_zeros((int(num_activate_out), c_out)))
     return _apply_bias_act(out, bias, act_alpha, act_type)
 
 
@@ -246,34 +206,20 @@ def _torch_indice_conv_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop-in for ``spconv.pytorch.ops.indice_conv_backward``: returns (d_features, d_filters).
 
-    Shapes as in :func:`_torch_indice_conv`; ``out_bp`` is [N_out, C_out]. Gathers inputs and
-    output gradients of all pairs once, two GEMMs per offset, one ``torch.index_add_`` scatter into
-    the input gradient (exact for any number of threads).
+    Shapes as in :func:`_torch_indice_conv`; ``out_bp`` is [N_out, C_out]. The input gradient is
+    the forward kernel on the transposed map with transposed weights; the weight gradient sums
+    outer products per offset.
     """
     if features.is_cuda:
         return _ORIG_INDICE_CONV_BACKWARD(features, filters, out_bp, indice_pairs, indice_pair_num,
                                           inverse, subm, algo, timer)
-    features = features.contiguous()
-    out_bp = out_bp.contiguous()
     shape = filters.shape
     c_out = shape[0]
     w = filters.reshape(c_out, -1, shape[-1])  # [Cout, K, Cin]
-    dw = torch.zeros_like(w)
-    in_idx, out_idx, segments, center = _offset_pairs(indice_pairs, indice_pair_num, inverse, subm)
-    if subm:
-        dw[:, center] = torch.mm(out_bp.t(), features)
-        din = torch.mm(out_bp, w[:, center])
-    else:
-        din = torch.zeros_like(features)
-    if segments:
-        x = features.index_select(0, in_idx)  # [M, Cin]
-        g = out_bp.index_select(0, out_idx)  # [M, Cout]
-        dx = features.new_empty(x.shape)
-        for k, a, b in segments:
-            torch.mm(g[a:b].t(), x[a:b], out=dw[:, k])
-            torch.mm(g[a:b], w[:, k], out=dx[a:b])
-        _scatter_add_rows_(din, in_idx, dx)  # one exact scatter-add for all offsets
-    return din, dw.reshape(shape)
+    nbr, nbr_t = _kernel_maps(indice_pairs, indice_pair_num, inverse, subm, features.shape[0], out_bp.shape[0])
+    din = _km.conv_forward(out_bp, w.permute(1, 0, 2).to(out_bp.dtype), nbr_t, torch.zeros_like(features))
+    dw = _km.conv_weight_grad(features, out_bp, nbr)  # [K, Cin, Cout]
+    return din, dw.permute(2, 0, 1).reshape(shape).to(filters.dtype)
 
 
 _torch_indice_conv._p3d_original = _ORIG_INDICE_CONV  # type: ignore[attr-defined]

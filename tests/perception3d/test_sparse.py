@@ -154,6 +154,24 @@ def test_wider_conv_two_threads_and_native_single_thread():
     assert (native - ref).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("subm", [True, False])
+def test_bitwise_identical_for_one_and_two_threads(subm: bool):
+    """Forward and both gradients do not depend on the thread count, bit for bit."""
+    sv = random_voxels(11, n=6000, c=16)
+    torch.manual_seed(0)
+    conv = (spconv.SubMConv3d(16, 32, 3, bias=False) if subm
+            else spconv.SparseConv3d(16, 32, 3, stride=2, padding=1, bias=False))
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        feats = sv.feats.clone().requires_grad_(True)
+        y = conv(SparseVoxels(feats, sv.coords, sv.spatial_shape, sv.batch_size).to_spconv()).features
+        g = torch.autograd.grad((y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum(), [feats, conv.weight])
+        results.append((y.detach(), *g))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def test_sparse_voxels_roundtrip_and_dense():
     sv = random_voxels(8, n=50)
     d = sv.dense()

@@ -1,0 +1,195 @@
+"""The detection experiment end to end: data -> training -> evaluation -> metrics and pictures.
+
+Entry points used by `tools/train.py` and `tools/eval.py` (through `tools/_tasks.py`):
+`train(cfg, out_dir, resume)` and `evaluate(cfg, ckpt, out_dir)`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from detection.config import DataConfig, DetectionConfig
+from detection.data import DetectionDataset, frame_targets
+from detection.models.detector import CenterPointDetector
+from detection.structures import collate
+from perception3d.engine import distributed, fit, load_checkpoint, seed_everything
+from perception3d.io.atomic import atomic_write_text
+from perception3d.io.kitti import KittiDataset
+from perception3d.metrics.detection import FrameGT, kitti_ap, kitti_ap_by_distance, kitti_difficulty, nuscenes_map
+from perception3d.structures import CLASSES, Detections3D
+from perception3d.viz import draw_bev, draw_camera, save_figure
+
+__all__ = ["prepare_data", "train", "evaluate", "evaluate_model"]
+
+log = logging.getLogger(__name__)
+
+
+def prepare_data(cfg: DataConfig) -> Path:
+    """Return the dataset root, generating the synthetic dataset first if it is configured and absent.
+
+    Generation writes into a temporary folder renamed into place at the end, so an interrupted
+    run never leaves a half-written dataset behind.
+    """
+    root = Path(cfg.root)
+    if (root / "ImageSets").is_dir():
+        return root
+    if cfg.synthetic is None:
+        raise FileNotFoundError(f"data.root={root}: no KITTI-layout dataset there (ImageSets/ missing) "
+                                "and data.synthetic is not set, so none is generated")
+    from perception3d.synthetic.dataset import write_kitti_dataset
+
+    syn = cfg.synthetic
+    tmp = root.with_name(root.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"[data] generating {syn.frames} synthetic KITTI-layout frames (seed {syn.seed}) into {root}")
+    write_kitti_dataset(tmp, num_frames=syn.frames, seed=syn.seed, val_fraction=syn.val_fraction,
+                        workers=syn.workers, progress=True)
+    tmp.rename(root)
+    return root
+
+
+def _val_frame_gt(frame, classes, pc_range) -> FrameGT:
+    boxes, labels, keep = frame_targets(frame, classes)
+    lab = frame.labels
+    bbox = np.asarray(lab.bbox2d)[keep].reshape(-1, 4)
+    difficulty = kitti_difficulty(bbox[:, 3] - bbox[:, 1], np.asarray(lab.occluded)[keep],
+                                  np.asarray(lab.truncated)[keep])
+    r = pc_range
+    inside = ((boxes[:, 0] >= r[0]) & (boxes[:, 0] < r[3]) & (boxes[:, 1] >= r[1]) & (boxes[:, 1] < r[4]))
+    difficulty = np.where(inside, difficulty, -1)
+    return FrameGT(boxes=torch.from_numpy(boxes), labels=torch.from_numpy(labels),
+                   difficulty=torch.from_numpy(np.asarray(difficulty, np.int64)))
+
+
+@torch.no_grad()
+def predict(model, dataset: DetectionDataset, batch_size: int = 2, desc: str = "predict") -> list[Detections3D]:
+    """Run the detector over a dataset; one `Detections3D` per frame, in dataset order."""
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[Detections3D] = []
+    for start in tqdm(range(0, len(dataset), batch_size), desc=desc, leave=False):
+        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]).to(device)
+        out.extend(Detections3D(d.boxes.to("cpu"), d.scores.cpu(), d.labels.cpu()) for d in model(batch))
+    return out
+
+
+def evaluate_model(model, dataset: DetectionDataset, distance_bins_m=(0.0, 20.0, 40.0, 70.4)) -> tuple[dict, list]:
+    """KITTI 3D/BEV AP (R40), AP by distance and nuScenes-style mAP on `dataset`.
+
+    Returns `(metrics, detections)`; metric keys look like `Car/3d_R40/moderate`.
+    """
+    dets = predict(model, dataset, desc="eval")
+    gts = [_val_frame_gt(dataset.kitti[i], dataset.classes, dataset.pc_range) for i in range(len(dataset))]
+    metrics: dict[str, float] = {}
+    for metric in ("3d", "bev"):
+        res = kitti_ap(gts, dets, classes=dataset.classes, metric=metric)
+        for cls, by_diff in res.items():
+            for diff, ap in by_diff.items():  # cls is a class name or "mAP"
+                metrics[f"{cls}/{metric}_R40/{diff}"] = float(ap)
+    by_dist = kitti_ap_by_distance(gts, dets, classes=dataset.classes, distance_bins_m=distance_bins_m, metric="3d")
+    for cls, by_bin in by_dist.items():
+        for rng, ap in by_bin.items():
+            metrics[f"{cls}/3d_R40_by_distance/{rng}"] = float(ap)
+    nus = nuscenes_map(gts, dets, classes=dataset.classes)
+    metrics["nuscenes/mAP"] = float(nus["mAP"])
+    return metrics, dets
+
+
+def _draw_frame(path: Path, points, frame, gt_boxes, det: Detections3D, pc_range, title: str) -> None:
+    fig = plt.figure(figsize=(13, 6.5))
+    ax_bev = fig.add_axes([0.0, 0.0, 0.38, 1.0])
+    ax_cam = fig.add_axes([0.40, 0.25, 0.60, 0.5])
+    boxes = det.boxes.tensor.numpy()
+    draw_bev(ax_bev, points, gt_boxes, boxes, det.scores.numpy(), pc_range, title=f"{title}: BEV")
+    if frame.image is not None:
+        draw_camera(ax_cam, frame.image, frame.calib, gt_boxes, boxes, title="camera (green GT, red predicted)")
+    else:
+        ax_cam.axis("off")
+    save_figure(fig, path)
+
+
+def _pictures(model, cfg: DetectionConfig, val_set: DetectionDataset, dets, out_dir: Path) -> list[str]:
+    pic_dir = out_dir / "pictures"
+    written = []
+    for i in range(min(cfg.eval.num_pictures, len(val_set))):
+        frame = KittiDataset(val_set.kitti.root, ids=[val_set.kitti.ids[i]], load_image=True)[0]
+        gt_boxes, _, _ = frame_targets(frame, val_set.classes)
+        path = pic_dir / f"val_{frame.frame_id}.png"
+        _draw_frame(path, frame.points_lidar, frame, gt_boxes, dets[i], val_set.pc_range, f"synthetic {frame.frame_id}")
+        written.append(str(path))
+    real = cfg.eval.real_kitti_root
+    if real and (Path(real) / "training" / "velodyne").is_dir():
+        real_ds = KittiDataset(real, split="training", load_image=True)
+        device = next(model.parameters()).device
+        model.eval()
+        for j in range(min(len(real_ds), 2)):
+            frame = real_ds[j]
+            gt_boxes, gt_labels, _ = frame_targets(frame, CLASSES)
+            r = val_set.pc_range
+            pts = frame.points_lidar
+            pts = pts[(pts[:, 0] >= r[0]) & (pts[:, 0] < r[3]) & (pts[:, 1] >= r[1]) & (pts[:, 1] < r[4])
+                      & (pts[:, 2] >= r[2]) & (pts[:, 2] < r[5])]
+            from detection.data import DetectionSample
+
+            batch = collate([DetectionSample(pts, gt_boxes, gt_labels, str(frame.frame_id))]).to(device)
+            with torch.no_grad():
+                det = model(batch)[0]
+            det = Detections3D(det.boxes.to("cpu"), det.scores.cpu(), det.labels.cpu())
+            path = pic_dir / f"real_kitti_{frame.frame_id}.png"
+            _draw_frame(path, frame.points_lidar, frame, gt_boxes, det, r, f"real KITTI {frame.frame_id}")
+            written.append(str(path))
+    return written
+
+
+def _summary(metrics: dict) -> str:
+    keys = [k for k in metrics if "/3d_R40/" in k or "/bev_R40/moderate" in k] + ["nuscenes/mAP"]
+    return "\n".join(f"  {k:32s} {metrics[k]:6.2f}" for k in keys if k in metrics)
+
+
+def _finish(model, cfg: DetectionConfig, val_set, out_dir: Path, extra: dict, evaluated=None) -> dict:
+    metrics, dets = evaluated or evaluate_model(model, val_set, cfg.eval.distance_bins_m)
+    pictures = _pictures(model, cfg, val_set, dets, out_dir)
+    result = {"metrics": metrics, "pictures": pictures, "val_frames": len(val_set), **extra}
+    atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2))
+    print(f"[eval] {len(val_set)} held-out frames; AP (%), KITTI R40:\n{_summary(metrics)}")
+    print(f"[eval] metrics: {out_dir / 'metrics.json'}; pictures: {', '.join(pictures)}")
+    return result
+
+
+def train(cfg: DetectionConfig, out_dir: str | Path, resume: bool = False) -> dict:
+    """Train the detector described by `cfg`, evaluate it on the held-out split, write metrics and pictures."""
+    out_dir = Path(out_dir)
+    root = prepare_data(cfg.data)
+    train_set = DetectionDataset(root, cfg.data.train_split, cfg.model.pc_range_m, cfg.data.augment)
+    val_set = DetectionDataset(root, cfg.data.val_split, cfg.model.pc_range_m, None)
+    seed_everything(cfg.train.seed)
+    model = CenterPointDetector(cfg.model)
+
+    last = {}  # the latest full evaluation, reused for the final metrics and pictures
+
+    def evaluate_fn(m, step):
+        last["step"], last["result"] = step, evaluate_model(m, val_set, cfg.eval.distance_bins_m)
+        return {k: v for k, v in last["result"][0].items() if k.endswith("/moderate") or k == "nuscenes/mAP"}
+
+    stats = fit(model, train_set, collate, cfg.train, out_dir, evaluate_fn=evaluate_fn, resume=resume)
+    if not distributed.is_main_process():
+        return {"train": stats}
+    evaluated = last["result"] if last.get("step") == stats["step"] else None
+    return _finish(model, cfg, val_set, out_dir, {"train": stats}, evaluated)
+
+
+def evaluate(cfg: DetectionConfig, ckpt: str | Path, out_dir: str | Path) -> dict:
+    """Evaluate a checkpoint on the held-out split; metrics and pictures go to `out_dir`."""
+    out_dir = Path(out_dir)
+    root = prepare_data(cfg.data)
+    val_set = DetectionDataset(root, cfg.data.val_split, cfg.model.pc_range_m, None)
+    model = CenterPointDetector(cfg.model)
+    load_checkpoint(ckpt, model)
+    return _finish(model, cfg, val_set, out_dir, {"checkpoint": str(ckpt)})
