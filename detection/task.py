@@ -150,13 +150,16 @@ def _pictures(model, cfg: DetectionConfig, val_set: DetectionDataset, dets, out_
 
 def _summary(metrics: dict) -> str:
     keys = [k for k in metrics if "/3d_R40/" in k or "/bev_R40/moderate" in k] + ["nuscenes/mAP"]
-    return "\n".join(f"  {k:32s} {metrics[k]:6.2f}" for k in keys if k in metrics)
+    return "\n".join(f"  {k:32s} {metrics[k]:6.2f}" if metrics[k] == metrics[k] else f"  {k:32s}    n/a"
+                     for k in keys if k in metrics)
 
 
 def _finish(model, cfg: DetectionConfig, val_set, out_dir: Path, extra: dict, evaluated=None) -> dict:
     metrics, dets = evaluated or evaluate_model(model, val_set, cfg.eval.distance_bins_m)
     pictures = _pictures(model, cfg, val_set, dets, out_dir)
-    result = {"metrics": metrics, "pictures": pictures, "val_frames": len(val_set), **extra}
+    # AP is undefined (NaN) for a class without ground truth at a difficulty; JSON gets null
+    clean = {k: (None if v != v else v) for k, v in metrics.items()}
+    result = {"metrics": clean, "pictures": pictures, "val_frames": len(val_set), **extra}
     atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2))
     print(f"[eval] {len(val_set)} held-out frames; AP (%), KITTI R40:\n{_summary(metrics)}")
     print(f"[eval] metrics: {out_dir / 'metrics.json'}; pictures: {', '.join(pictures)}")

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from perception3d.geometry.boxes import box_corners  # noqa: E402
+from perception3d.geometry.boxes import BOX_EDGES, box_corners  # noqa: E402
 from perception3d.geometry.camera import KittiCalibration  # noqa: E402
 from perception3d.io.atomic import atomic_path  # noqa: E402
 
@@ -22,8 +22,6 @@ __all__ = ["draw_bev", "draw_camera", "save_figure"]
 
 GT_COLOR = (0.1, 0.85, 0.2)
 PRED_COLOR = (1.0, 0.15, 0.15)
-# box edges as corner-index pairs: bottom face, top face, verticals (box_corners order)
-_EDGES = [(0, 1), (1, 2), (2, 3), (3, 0), (4, 5), (5, 6), (6, 7), (7, 4), (0, 4), (1, 5), (2, 6), (3, 7)]
 
 
 def _corners_np(boxes) -> np.ndarray:
@@ -98,7 +96,7 @@ def draw_camera(ax, image: np.ndarray, calib: KittiCalibration, gt_boxes=None, p
             continue
         for c in _corners_np(boxes):
             cam = calib.lidar_to_cam(c)
-            for i, j in _EDGES:
+            for i, j in BOX_EDGES:
                 seg = _clip_segment_near(cam[i], cam[j])
                 if seg is None:
                     continue
