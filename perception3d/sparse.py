@@ -30,6 +30,7 @@ The patched module is exported as :data:`spconv` (``spconv.pytorch``); other mod
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
@@ -50,6 +51,10 @@ __all__ = [
     "apply_spconv_cpu_fixes",
     "spconv_native_cpu_kernels",
 ]
+
+# spconv's SparseConvTensor uses torch.fx's ProxyableClassMeta, which makes torch >= 2.6 log a
+# deprecation warning about is_fx_tracing() on the first tensor built; it is not actionable here.
+logging.getLogger("torch.fx._symbolic_trace").addFilter(lambda r: "is_fx_tracing will return" not in r.getMessage())
 
 _ORIG_GET_CURRENT_STREAM = getattr(_cppcore.get_current_stream, "_p3d_original", _cppcore.get_current_stream)
 _ORIG_INDICE_CONV = getattr(_ops.indice_conv, "_p3d_original", _ops.indice_conv)
