@@ -14,13 +14,16 @@ keep their input order. ``voxelize_hard`` keeps the first ``max_points_per_voxel
 voxel and the first ``max_voxels`` voxels in that order; the rest are dropped (the semantics of
 the usual ``hard_voxelize`` of mmcv / OpenPCDet / spconv's PointToVoxel).
 
-All functions are vectorized torch (one stable sort of the in-range points plus small ops) and
-run on the points' device.
+On CPU the grouping is one sequential pass of a compiled (numba) hash-table kernel; on other
+devices it is vectorized torch (one stable sort of the in-range points plus small ops). Both give
+identical results (tested), on the points' device.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
+import numba
+import numpy as np
 import torch
 from torch import nn
 
@@ -83,15 +86,23 @@ def _check_points(points: torch.Tensor, name: str = "points") -> None:
 def _voxel_ids(
     points: torch.Tensor, voxel_size_m: Sequence[float], pc_range_m: Sequence[float]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Core grouping shared by hard and dynamic voxelization (one stable sort, no Python loops).
+    """Core grouping shared by hard and dynamic voxelization (numba on CPU, torch elsewhere).
 
     Returns:
-        point_idx: [M] int64 indices of the in-range points (grouped by voxel coordinate).
+        point_idx: [M] int64 indices of the in-range points (in an order that depends on the path).
         vox: [M] int64 voxel id (first-appearance order) of each entry of point_idx.
         slot: [M] int64 position of each point within its voxel (0, 1, ... in input order).
         coords: [V, 3] int32 (z, y, x) voxel coordinates in first-appearance order.
         counts: [V] int64 number of points per voxel.
     """
+    vs, pr, shape = _prepare(points, voxel_size_m, pc_range_m)
+    if points.device.type == "cpu":
+        return _voxel_ids_cpu(points, vs, pr, shape)
+    return _voxel_ids_torch(points, vs, pr, shape)
+
+
+def _prepare(points, voxel_size_m, pc_range_m) -> tuple[list, list, tuple[int, int, int]]:
+    """Validate the inputs; return voxel size, range and grid shape (Z, Y, X)."""
     if not isinstance(points, torch.Tensor) or points.dim() != 2 or points.shape[1] < 3:
         _check_points(points)  # raises
     vs, pr = _check_size_range(voxel_size_m, pc_range_m)
@@ -100,6 +111,89 @@ def _voxel_ids(
         raise DataError(f"voxel grid (Z, Y, X) = {(Z, Y, X)} is too large (>= 2^31 voxels)")
     if not points.is_floating_point():
         _check_points(points)  # raises
+    return vs, pr, (Z, Y, X)
+
+
+@numba.njit(cache=True, nogil=True)
+def _nb_group(xyz, lo, inv_size, X, Y, Z):  # pragma: no cover - compiled
+    # One pass in input order: voxel index with the same float arithmetic as the torch path,
+    # first-appearance voxel ids from an open-addressing hash table keyed by the linear index.
+    n = xyz.shape[0]
+    size = 1
+    while size < 2 * n + 2:
+        size *= 2
+    # (key, value) side by side; the hash keeps neighbouring voxels in neighbouring slots, so
+    # the spatially coherent order of a LiDAR scan stays cache friendly
+    table = np.full((size, 2), -1, dtype=np.int32)
+    vox = np.full(n, -1, dtype=np.int64)
+    slot = np.zeros(n, dtype=np.int64)
+    coords = np.empty((n, 3), dtype=np.int32)
+    counts = np.zeros(n, dtype=np.int64)
+    nv = 0
+    bad = False
+    mask = size - 1
+    for p in range(n):
+        fx = np.floor((xyz[p, 0] - lo[0]) * inv_size[0])
+        fy = np.floor((xyz[p, 1] - lo[1]) * inv_size[1])
+        fz = np.floor((xyz[p, 2] - lo[2]) * inv_size[2])
+        if not (np.isfinite(fx) and np.isfinite(fy) and np.isfinite(fz)):
+            bad = True
+            continue
+        if fx < 0 or fy < 0 or fz < 0 or fx >= X or fy >= Y or fz >= Z:
+            continue
+        ix, iy, iz = int(fx), int(fy), int(fz)
+        lin = (iz * Y + iy) * X + ix
+        h = (lin ^ (lin >> 17)) & mask
+        while table[h, 0] != -1 and table[h, 0] != lin:
+            h = (h + 1) & mask
+        if table[h, 0] == -1:
+            table[h, 0] = lin
+            table[h, 1] = nv
+            coords[nv, 0] = iz
+            coords[nv, 1] = iy
+            coords[nv, 2] = ix
+            nv += 1
+        v = table[h, 1]
+        vox[p] = v
+        slot[p] = counts[v]
+        counts[v] += 1
+    return vox, slot, coords[:nv], counts[:nv], bad
+
+
+def _group_cpu(points, vs, pr, shape):
+    """numpy per-point voxel id (-1: out of range) and slot, voxel coords (z, y, x) and counts."""
+    Z, Y, X = shape
+    dt = points.dtype
+    lo = torch.tensor(pr[:3], dtype=dt)
+    inv_size = 1.0 / torch.tensor(vs, dtype=dt)
+    xyz = points[:, :3].contiguous()
+    if dt not in (torch.float32, torch.float64):
+        xyz, lo, inv_size = xyz.double(), lo.double(), inv_size.double()
+    vox, slot, coords, counts, bad = _nb_group(xyz.numpy(), lo.numpy(), inv_size.numpy(), X, Y, Z)
+    if bad:
+        _check_points(points)  # raises the NaN / inf error
+    return vox, slot, coords, counts
+
+
+def _voxel_ids_cpu(points, vs, pr, shape):
+    vox, slot, coords, counts = _group_cpu(points, vs, pr, shape)
+    point_idx = np.flatnonzero(vox >= 0)
+    return (torch.from_numpy(point_idx), torch.from_numpy(vox[point_idx]), torch.from_numpy(slot[point_idx]),
+            torch.from_numpy(coords), torch.from_numpy(counts))
+
+
+@numba.njit(cache=True, nogil=True)
+def _nb_fill(points, vox, slot, voxels):  # pragma: no cover - compiled
+    V, P, C = voxels.shape
+    for p in range(points.shape[0]):
+        v = vox[p]
+        if v >= 0 and v < V and slot[p] < P:
+            for c in range(C):
+                voxels[v, slot[p], c] = points[p, c]
+
+
+def _voxel_ids_torch(points, vs, pr, shape):
+    Z, Y, X = shape
     dev = points.device
     lo = torch.tensor(pr[:3], dtype=points.dtype, device=dev)
     inv_size = 1.0 / torch.tensor(vs, dtype=points.dtype, device=dev)
@@ -162,10 +256,18 @@ def voxelize_hard(
     for name, v in (("max_points_per_voxel", max_points_per_voxel), ("max_voxels", max_voxels)):
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise DataError(f"{name}: expected a positive int, got {v!r}")
-    point_idx, vox, slot, coords, counts = _voxel_ids(points, voxel_size_m, pc_range_m)
-    V = min(coords.shape[0], max_voxels)
     P = max_points_per_voxel
     C = points.shape[1]
+    vs, pr, shape = _prepare(points, voxel_size_m, pc_range_m)
+    if points.device.type == "cpu":
+        vox, slot, coords, counts = _group_cpu(points, vs, pr, shape)
+        V = min(coords.shape[0], max_voxels)
+        voxels = points.new_zeros((V, P, C))
+        _nb_fill(points.contiguous().numpy(), vox, slot, voxels.numpy())
+        num_points = torch.from_numpy(np.minimum(counts[:V], P).astype(np.int32))
+        return voxels, torch.from_numpy(coords[:V].copy()), num_points
+    point_idx, vox, slot, coords, counts = _voxel_ids_torch(points, vs, pr, shape)
+    V = min(coords.shape[0], max_voxels)
     # flat destination row of each point; dropped points go to a spare last row
     target = torch.where((vox < V) & (slot < P), vox * P + slot, V * P)
     voxels = points.new_zeros((V * P + 1, C))
