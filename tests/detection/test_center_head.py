@@ -51,7 +51,10 @@ def _perfect_outputs(head: CenterHead, t, batch_size: int) -> CenterHeadOutput:
     reg = torch.zeros(batch_size, H * W, CODE_SIZE)
     reg[t.pos_batch, t.pos_index] = t.reg
     reg = reg.permute(0, 2, 1).reshape(batch_size, CODE_SIZE, H, W)
-    return CenterHeadOutput(logits, reg[:, 0:2], reg[:, 2:3], reg[:, 3:6], reg[:, 6:8])
+    direction = torch.zeros(batch_size, H * W)
+    direction[t.pos_batch, t.pos_index] = t.direction * 20 - 10  # confident logits
+    direction = direction.reshape(batch_size, 1, H, W)
+    return CenterHeadOutput(logits, reg[:, 0:2], reg[:, 2:3], reg[:, 3:6], reg[:, 6:8], direction)
 
 
 def test_gaussian_radius_hand_values():
@@ -96,7 +99,17 @@ def test_targets_gaussian_and_regression():
     assert t.heatmap[0, 0, 50, 28].item() == 0.0  # beyond the radius
     assert t.heatmap[0, 1:].abs().sum().item() == 0.0 and t.heatmap[1, 0].abs().sum().item() == 0.0
     assert torch.allclose(t.reg[0], torch.tensor([0.25, 0.75, -1.0, math.log(4.0), math.log(1.8),
-                                                  math.log(1.5), math.sin(0.3), math.cos(0.3)]), atol=1e-5)
+                                                  math.log(1.5), math.sin(0.6), math.cos(0.6)]), atol=1e-5)
+    assert t.direction.tolist() == [0.0, 1.0]  # cos(0.3) > 0 (forward), cos(-2.0) < 0 (backward)
+
+
+def test_box_and_box_turned_by_pi_share_the_axis_target():
+    # The regression target of a box does not change when it is turned by pi (same box); only the
+    # direction target does. (Regressing (sin yaw, cos yaw) would average these into nothing.)
+    boxes = torch.tensor([[10.1, 0.3, -1.0, 4.0, 1.8, 1.5, 0.3], [20.1, 0.3, -1.0, 4.0, 1.8, 1.5, 0.3 - math.pi]])
+    t = encode_targets(boxes, torch.tensor([0, 0]), torch.tensor([0, 0]), 1, (100, 100), (0.0, -20.0), (0.4, 0.4))
+    assert (t.reg[0, 2:] - t.reg[1, 2:]).abs().max().item() < 1e-5
+    assert t.direction.tolist() == [0.0, 1.0]
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -135,7 +148,7 @@ def test_decode_threshold_nms_and_max():
     reg = torch.zeros(1, CODE_SIZE, H, W)
     reg[:, 3:6] = math.log(4.0)
     reg[:, 7] = 1.0
-    out = CenterHeadOutput(logits, reg[:, 0:2], reg[:, 2:3], reg[:, 3:6], reg[:, 6:8])
+    out = CenterHeadOutput(logits, reg[:, 0:2], reg[:, 2:3], reg[:, 3:6], reg[:, 6:8], torch.zeros(1, 1, H, W))
     det = head.decode(out)[0]
     assert det.labels.tolist() == [0, 1, 2]
     assert torch.allclose(det.scores, torch.sigmoid(torch.tensor([3.0, 1.0, -0.5])))
@@ -152,12 +165,16 @@ def test_head_forward_loss_and_grad():
     boxes = torch.tensor([[10.0, 0.0, -1.0, 4.0, 1.8, 1.5, 0.3]])
     t = head.encode(boxes, torch.tensor([0]), torch.tensor([1]), 2)
     losses = head.loss(out, t)
-    assert set(losses) >= {"loss", "loss_heatmap", "loss_reg", "num_pos"}
+    assert set(losses) >= {"loss", "loss_heatmap", "loss_reg", "loss_direction", "num_pos"}
     assert losses["num_pos"].item() == 1.0
-    expected = losses["loss_heatmap"] + 0.25 * losses["loss_reg"]
+    expected = losses["loss_heatmap"] + 0.25 * losses["loss_reg"] + 0.2 * losses["loss_direction"]
     assert losses["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+    # the direction loss is the cross-entropy of the logit at the box's cell (row 50, column 25) for "forward"
+    logit = out.direction[1, 0, 50, 25]
+    assert losses["loss_direction"].item() == pytest.approx(-math.log(1 - torch.sigmoid(logit).item()), rel=1e-5)
     losses["loss"].backward()
     assert head.offset[-1].weight.grad.abs().sum().item() > 0
+    assert head.direction[-1].weight.grad.abs().sum().item() > 0
     with pytest.raises(ValueError, match="target grid"):
         head.loss(head(torch.randn(2, 16, 50, 50)), t)
 
