@@ -79,11 +79,10 @@ def test_box_conversion_round_trip_real_calib(real):
 
 
 def test_box_conversion_matches_geometry_boxes(real):
-    torch = pytest.importorskip("torch")
-    try:
-        from perception3d.geometry.boxes import kitti_camera_to_boxes_lidar
-    except ImportError:
-        pytest.skip("perception3d.geometry.boxes not available")
+    import torch
+
+    from perception3d.geometry.boxes import kitti_camera_to_boxes_lidar
+
     f = real[0]
     cam = f.labels.boxes_cam[:6].astype(np.float64)
     ours = camera_boxes_to_lidar(cam, f.calib)
