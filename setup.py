@@ -24,10 +24,16 @@ setup(
         "matplotlib>=3.7",
         "pillow>=10",
         "shapely>=2.0",
+        "scipy>=1.10",
+        # splatting: gsplat's CUDA rasterizer and densification strategy, kornia's SSIM, and
+        # ninja to JIT-build our C++ CPU rasterizer (splatting/_ext.py).
+        "gsplat==1.4.0",
+        "kornia>=0.7",
+        "ninja>=1.11",
     ],
     extras_require={
         "viewer": ["open3d-cpu==0.20.0"],
         "nerfstudio": ["nerfstudio==1.1.5"],
-        "test": ["pytest>=8", "open3d-cpu==0.20.0"],
+        "test": ["pytest>=8", "open3d-cpu==0.20.0", "scikit-image>=0.22"],
     },
 )

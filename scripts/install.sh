@@ -6,8 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-# open3d imports need libusb; its headless renderers need EGL/GL (see DESIGN.md).
-PKGS="libusb-1.0-0 libgomp1 libegl1 libgl1"
+# open3d imports need libusb; its headless renderers need EGL/GL (see DESIGN.md); g++ builds the
+# C++ CPU rasterizer of splatting/ (compiled once, below).
+PKGS="libusb-1.0-0 libgomp1 libegl1 libgl1 g++"
 missing=$(for p in $PKGS; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
 if [ -n "$missing" ]; then
   echo "[install] apt-get install $missing"
@@ -20,3 +21,6 @@ PY=${PYTHON:-python3}
 $PY -m pip install -q --disable-pip-version-check "torch==2.13.0"
 $PY -m pip install -q --disable-pip-version-check -e ".[viewer,test]"
 $PY -c "import torch, spconv.pytorch, perception3d; print('[install] ok: torch', torch.__version__)"
+# Build the CPU rasterizer now (about a minute, cached in ~/.cache/torch_extensions) rather than
+# inside the first training run or test.
+$PY -c "from splatting._ext import cpu_ext; cpu_ext(); print('[install] ok: CPU rasterizer built')"

@@ -1,0 +1,177 @@
+"""The splatting experiment's config: ``task: splatting`` YAML files under ``configs/splatting/``.
+
+Every field is documented here; defaults follow the 3DGS paper and gsplat's ``simple_trainer``
+(learning rates, densification schedule), scaled down where a CPU run needs it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+__all__ = ["SyntheticViewsConfig", "SplatDataConfig", "SplatModelConfig", "SplatOptimConfig", "StrategyConfig",
+           "SplatTrainConfig", "SplatEvalConfig", "SplatConfig"]
+
+
+@dataclass(frozen=True)
+class SyntheticViewsConfig:
+    """Generate the synthetic multi-view scene (:func:`splatting.data.write_synthetic_scene`) at ``data.root``.
+
+    Attributes:
+        seed: scene and camera seed.
+        num_views: cameras on the orbit (every ``test_every``-th is held out).
+        width, height: image size, pixels.
+        num_points: surface points written as the SfM-like initial point cloud.
+    """
+
+    seed: int = 0
+    num_views: int = 40
+    width: int = 200
+    height: int = 150
+    num_points: int = 4000
+
+
+@dataclass(frozen=True)
+class SplatDataConfig:
+    """Where the images and cameras come from.
+
+    Attributes:
+        root: a COLMAP folder (``sparse/0`` + ``images/``), a transforms.json (or its folder:
+            Blender / instant-ngp / nerfstudio), or an LLFF folder (``poses_bounds.npy``).
+        synthetic: if set and ``root`` does not exist, the synthetic scene is generated there.
+        downscale: integer image downscale factor (intrinsics follow).
+        test_every: every n-th view (sorted by name) is held out for evaluation (0: none).
+        background: RGB the renders are composited on, and RGBA images are flattened on.
+    """
+
+    root: str = "data_cache/synthetic_views"
+    synthetic: Optional[SyntheticViewsConfig] = field(default_factory=SyntheticViewsConfig)
+    downscale: int = 1
+    test_every: int = 8
+    background: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+
+@dataclass(frozen=True)
+class SplatModelConfig:
+    """Initial Gaussians and rendering options.
+
+    Attributes:
+        init: ``"sfm"``: one Gaussian per point of the scene's point cloud (random if it has none);
+            ``"random"``: ``init_num_points`` uniform in a cube of ``init_extent`` x the scene scale.
+        init_num_points, init_extent: random initialisation.
+        init_opacity, init_scale: initial opacity; multiplier on the nearest-neighbour scale.
+        sh_degree: highest SH degree learnt (0-3).
+        sh_degree_interval: the SH degree in use grows by one every this many steps.
+        rasterize_mode: ``"classic"`` or ``"antialiased"`` (Mip-Splatting's opacity compensation).
+        near_plane, far_plane: depth range rendered.
+    """
+
+    init: Literal["sfm", "random"] = "sfm"
+    init_num_points: int = 100_000
+    init_extent: float = 3.0
+    init_opacity: float = 0.1
+    init_scale: float = 1.0
+    sh_degree: int = 3
+    sh_degree_interval: int = 1000
+    rasterize_mode: Literal["classic", "antialiased"] = "classic"
+    near_plane: float = 0.01
+    far_plane: float = 1e10
+
+
+@dataclass(frozen=True)
+class SplatOptimConfig:
+    """Adam learning rates per parameter group (3DGS / gsplat defaults).
+
+    Attributes:
+        means_lr: position learning rate, times the scene scale; decays exponentially to
+            ``means_lr * means_lr_final_ratio`` over the run.
+        scales_lr, quats_lr, opacities_lr, sh0_lr, shN_lr: the other groups (constant).
+        ssim_lambda: loss = ``(1 - ssim_lambda) * L1 + ssim_lambda * (1 - SSIM)``.
+    """
+
+    means_lr: float = 1.6e-4
+    means_lr_final_ratio: float = 0.01
+    scales_lr: float = 5e-3
+    quats_lr: float = 1e-3
+    opacities_lr: float = 5e-2
+    sh0_lr: float = 2.5e-3
+    shN_lr: float = 2.5e-3 / 20
+    ssim_lambda: float = 0.2
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """Densification and pruning: gsplat's ``DefaultStrategy`` (the 3DGS paper's rules), its options.
+
+    Attributes:
+        prune_opa: prune Gaussians whose opacity falls below this.
+        grow_grad2d: clone / split Gaussians whose mean image-plane gradient exceeds this.
+        grow_scale3d: clone if the largest scale is below this x scene scale, else split.
+        prune_scale3d: prune Gaussians larger than this x scene scale (after the first reset).
+        refine_start_iter, refine_stop_iter, refine_every: when densification runs.
+        reset_every: opacities are reset to ``2 * prune_opa`` every this many steps.
+        absgrad: use absolute gradients (AbsGS); then ``grow_grad2d`` should be ~0.0008.
+        revised_opacity: Rota Bulo et al.'s opacity correction when splitting.
+    """
+
+    prune_opa: float = 0.005
+    grow_grad2d: float = 0.0002
+    grow_scale3d: float = 0.01
+    prune_scale3d: float = 0.1
+    refine_start_iter: int = 500
+    refine_stop_iter: int = 15_000
+    refine_every: int = 100
+    reset_every: int = 3000
+    absgrad: bool = False
+    revised_opacity: bool = False
+
+
+@dataclass(frozen=True)
+class SplatTrainConfig:
+    """The training run.
+
+    Attributes:
+        seed: initialisation, view order, densification noise.
+        max_steps: optimisation steps (one training view each).
+        log_every: scalars to the progress bar, TensorBoard and ``log.jsonl``.
+        eval_every: held-out evaluation (0: only at the end).
+        ckpt_every: checkpoints (0: only at the end); ``--resume`` continues exactly.
+        keep_last_ckpts: step checkpoints kept.
+        device: ``"auto"`` (CUDA if available), ``"cpu"`` or ``"cuda"``.
+        progress: show a progress bar.
+    """
+
+    seed: int = 0
+    max_steps: int = 30_000
+    log_every: int = 50
+    eval_every: int = 0
+    ckpt_every: int = 0
+    keep_last_ckpts: int = 2
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class SplatEvalConfig:
+    """Evaluation.
+
+    Attributes:
+        num_renders: held-out views saved as PNG (render beside ground truth) at each evaluation.
+        lpips_weights: a local LPIPS (AlexNet) weights file; None: ``$P3D_LPIPS_WEIGHTS`` or
+            ``~/.cache/perception3d/lpips_alex.pth`` if present, else LPIPS is skipped.
+    """
+
+    num_renders: int = 4
+    lpips_weights: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class SplatConfig:
+    """A Gaussian-splatting experiment."""
+
+    task: str = "splatting"
+    data: SplatDataConfig = field(default_factory=SplatDataConfig)
+    model: SplatModelConfig = field(default_factory=SplatModelConfig)
+    optim: SplatOptimConfig = field(default_factory=SplatOptimConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    train: SplatTrainConfig = field(default_factory=SplatTrainConfig)
+    eval: SplatEvalConfig = field(default_factory=SplatEvalConfig)

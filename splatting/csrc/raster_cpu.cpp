@@ -1,0 +1,401 @@
+// CPU Gaussian rasterizer: tile binning, forward and analytic backward alpha compositing.
+//
+// The algorithm is gsplat's (16 x 16 pixel tiles; per tile the Gaussians touching it in increasing
+// depth; per pixel front-to-back compositing), arranged for a CPU:
+//  * bin_gaussians: counting sort into per-tile lists (Gaussians visited in depth order, so each
+//    list comes out sorted by depth).
+//  * raster_forward: tiles are spread over torch's thread pool (at::parallel_for). A tile walks
+//    its list once; each Gaussian updates only the pixels of its footprint box (outside it,
+//    alpha < 1/255 is guaranteed), row by row in branch-free loops that the compiler vectorises
+//    (including exp, through glibc's vector maths). Per pixel:
+//        sigma = 0.5 (a dx^2 + c dy^2) + b dx dy,   d = mean2d - (pixel + 0.5)
+//        alpha = min(0.999, opacity exp(-sigma)), skipped if sigma < 0 or alpha < 1/255,
+//    and the pixel stops before the Gaussian that would bring its transmittance to <= 1e-4.
+//  * raster_backward: the same walk back to front from each pixel's last Gaussian, recovering
+//    the transmittance in front of each Gaussian by division (as gsplat does). Gradients of
+//    Gaussians shared by tiles on different threads go to per-thread buffers summed at the end.
+// Templated on the float type (float for speed, double for gradcheck) and on the channel count.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int kMaxTile = 32;
+
+template <typename T>
+struct Consts {
+  static constexpr T a_min = T(1.0 / 255.0);
+  static constexpr T a_max = T(0.999);
+  static constexpr T t_min = T(1e-4);
+};
+
+inline void tile_rect(double mx, double my, double r, int tile, int tw, int th, int& x0, int& x1, int& y0, int& y1) {
+  x0 = std::min(std::max(0, (int)std::floor((mx - r) / tile)), tw);
+  x1 = std::min(std::max(0, (int)std::ceil((mx + r) / tile)), tw);
+  y0 = std::min(std::max(0, (int)std::floor((my - r) / tile)), th);
+  y1 = std::min(std::max(0, (int)std::ceil((my + r) / tile)), th);
+}
+
+// Local pixel box (inclusive, tile coordinates) outside which the Gaussian has alpha < 1/255:
+// op exp(-sigma) >= 1/255 needs sigma <= s = log(255 op), and the ellipse 0.5 d^T Q d <= s has
+// half-widths sqrt(2 s (Q^-1)_xx), sqrt(2 s (Q^-1)_yy). One pixel of margin keeps the box
+// conservative under rounding; the exact alpha test still decides every pixel inside it.
+template <typename T>
+inline bool footprint(T mx, T my, T ca, T cb, T cc, T op, int x_org, int y_org, int tile, int& lx0, int& lx1,
+                      int& ly0, int& ly1) {
+  if (!(op >= Consts<T>::a_min)) return false;
+  const double det = (double)ca * cc - (double)cb * cb;
+  if (!(det > 0)) {
+    lx0 = ly0 = 0;
+    lx1 = ly1 = tile - 1;
+    return true;
+  }
+  const double s = std::log((double)op / (double)Consts<T>::a_min);
+  const double hx = std::sqrt(2.0 * s * cc / det) + 1.0, hy = std::sqrt(2.0 * s * ca / det) + 1.0;
+  const double cx = (double)mx - 0.5 - x_org, cy = (double)my - 0.5 - y_org;
+  auto clampd = [&](double v) { return std::min(std::max(v, -1.0), tile + 1.0); };
+  lx0 = std::max((int)std::floor(clampd(cx - hx)), 0);
+  lx1 = std::min((int)std::ceil(clampd(cx + hx)), tile - 1);
+  ly0 = std::max((int)std::floor(clampd(cy - hy)), 0);
+  ly1 = std::min((int)std::ceil(clampd(cy + hy)), tile - 1);
+  return lx0 <= lx1 && ly0 <= ly1;
+}
+
+}  // namespace
+
+std::vector<torch::Tensor> bin_gaussians(torch::Tensor means2d, torch::Tensor radii, torch::Tensor order, int64_t tile,
+                                         int64_t tw, int64_t th) {
+  TORCH_CHECK(means2d.dim() == 3 && means2d.size(2) == 2, "means2d must be [C, N, 2]");
+  auto m = means2d.to(torch::kFloat64).contiguous();
+  auto r = radii.to(torch::kInt32).contiguous();
+  auto o = order.to(torch::kInt64).contiguous();
+  const int64_t C = r.size(0), N = r.size(1), n_tiles = th * tw;
+  const double* mp = m.data_ptr<double>();
+  const int32_t* rp = r.data_ptr<int32_t>();
+  const int64_t* op = o.data_ptr<int64_t>();
+  auto offsets = torch::zeros({C * n_tiles + 1}, torch::kInt64);
+  int64_t* off = offsets.data_ptr<int64_t>();
+  int x0, x1, y0, y1;
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t n = 0; n < N; ++n) {
+      const int32_t rad = rp[c * N + n];
+      if (rad <= 0) continue;
+      tile_rect(mp[(c * N + n) * 2], mp[(c * N + n) * 2 + 1], rad, tile, tw, th, x0, x1, y0, y1);
+      for (int ty = y0; ty < y1; ++ty)
+        for (int tx = x0; tx < x1; ++tx) off[c * n_tiles + ty * tw + tx + 1] += 1;
+    }
+  for (int64_t t = 0; t < C * n_tiles; ++t) off[t + 1] += off[t];
+  auto ids = torch::empty({off[C * n_tiles]}, torch::kInt64);
+  int64_t* idp = ids.data_ptr<int64_t>();
+  std::vector<int64_t> cursor(off, off + C * n_tiles);
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t i = 0; i < N; ++i) {
+      const int64_t n = op[c * N + i];
+      const int32_t rad = rp[c * N + n];
+      if (rad <= 0) continue;
+      tile_rect(mp[(c * N + n) * 2], mp[(c * N + n) * 2 + 1], rad, tile, tw, th, x0, x1, y0, y1);
+      for (int ty = y0; ty < y1; ++ty)
+        for (int tx = x0; tx < x1; ++tx) idp[cursor[c * n_tiles + ty * tw + tx]++] = c * N + n;
+    }
+  return {offsets, ids};
+}
+
+namespace {
+
+// DC > 0: compile-time channel count; DC == 0: runtime D.
+template <typename T, int DC>
+void forward_impl(const T* m2, const T* cn, const T* cl, const T* opa, const T* bg, const int64_t* off,
+                  const int64_t* ids, int64_t C, int64_t D_rt, int64_t width, int64_t height, int tile, T* out_color,
+                  T* out_T, int32_t* out_last) {
+  const int64_t D = DC > 0 ? DC : D_rt;
+  const int64_t tw = (width + tile - 1) / tile, th = (height + tile - 1) / tile, P = (int64_t)tile * tile;
+  at::parallel_for(0, C * th * tw, 1, [&](int64_t t_begin, int64_t t_end) {
+    std::vector<T> Tr(P), acc(D * P), w(tile);
+    std::vector<T> act(P);  // 1 = still compositing, 0 = stopped or outside the image
+    std::vector<int32_t> last(P);
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const int64_t c = t / (th * tw), ty = (t % (th * tw)) / tw, tx = t % tw;
+      const int x_org = (int)(tx * tile), y_org = (int)(ty * tile);
+      int64_t n_act = 0;
+      for (int64_t p = 0; p < P; ++p) {
+        const bool in = x_org + p % tile < width && y_org + p / tile < height;
+        act[p] = in ? T(1) : T(0);
+        n_act += in;
+        Tr[p] = T(1);
+        last[p] = -1;
+      }
+      std::fill(acc.begin(), acc.end(), T(0));
+      const int64_t start = off[t], end = off[t + 1];
+      for (int64_t k = start; k < end && n_act > 0; ++k) {
+        const int64_t g = ids[k];
+        const T mx = m2[g * 2], my = m2[g * 2 + 1];
+        const T ca = cn[g * 3], cb = cn[g * 3 + 1], cc = cn[g * 3 + 2], op = opa[g];
+        int lx0, lx1, ly0, ly1;
+        if (!footprint(mx, my, ca, cb, cc, op, x_org, y_org, tile, lx0, lx1, ly0, ly1)) continue;
+        const int32_t kl = (int32_t)(k - start);
+        for (int ly = ly0; ly <= ly1; ++ly) {
+          const T dy = my - (T)(y_org + ly) - T(0.5);
+          T* Tr_row = Tr.data() + ly * tile;
+          T* act_row = act.data() + ly * tile;
+          int32_t* last_row = last.data() + ly * tile;
+          int64_t stops = 0;
+#pragma omp simd reduction(+ : stops)
+          for (int lx = lx0; lx <= lx1; ++lx) {
+            const T dx = mx - (T)(x_org + lx) - T(0.5);
+            const T sigma = T(0.5) * (ca * dx * dx + cc * dy * dy) + cb * dx * dy;
+            const T alpha = std::min(Consts<T>::a_max, op * std::exp(-sigma));
+            const T tr = Tr_row[lx];
+            // non-short-circuit boolean algebra and selects: the loop stays branch-free (vectorised)
+            const bool valid = (act_row[lx] > T(0)) & (sigma >= T(0)) & (alpha >= Consts<T>::a_min);
+            const T nt = tr * (T(1) - alpha);
+            const bool stop = valid & (nt <= Consts<T>::t_min);
+            const bool use = valid & !stop;
+            act_row[lx] = stop ? T(0) : act_row[lx];
+            stops += stop ? 1 : 0;
+            w[lx] = use ? alpha * tr : T(0);
+            Tr_row[lx] = use ? nt : tr;
+            last_row[lx] = use ? kl : last_row[lx];
+          }
+          n_act -= stops;
+          for (int64_t d = 0; d < D; ++d) {
+            const T col = cl[g * D + d];
+            T* acc_row = acc.data() + d * P + ly * tile;
+            for (int lx = lx0; lx <= lx1; ++lx) acc_row[lx] += w[lx] * col;
+          }
+        }
+      }
+      for (int64_t p = 0; p < P; ++p) {
+        const int64_t x = x_org + p % tile, y = y_org + p / tile;
+        if (x >= width || y >= height) continue;
+        const int64_t pix = (c * height + y) * width + x;
+        for (int64_t d = 0; d < D; ++d) out_color[pix * D + d] = acc[d * P + p] + Tr[p] * bg[c * D + d];
+        out_T[pix] = Tr[p];
+        out_last[pix] = last[p];
+      }
+    }
+  });
+}
+
+template <typename T, int DC>
+void backward_impl(const T* m2, const T* cn, const T* cl, const T* opa, const T* bg, const int64_t* off,
+                   const int64_t* ids, int64_t C, int64_t N, int64_t D_rt, int64_t width, int64_t height, int tile,
+                   const T* out_T, const int32_t* out_last, const T* v_color, const T* v_alpha, T* grads,
+                   int64_t n_buf) {
+  const int64_t D = DC > 0 ? DC : D_rt;
+  const int64_t G = 6 + D;
+  const int64_t tw = (width + tile - 1) / tile, th = (height + tile - 1) / tile, P = (int64_t)tile * tile;
+  at::parallel_for(0, C * th * tw, 1, [&](int64_t t_begin, int64_t t_end) {
+    const int64_t tid = std::min<int64_t>(at::get_thread_num(), n_buf - 1);
+    T* gbuf = grads + tid * C * N * G;
+    std::vector<T> Tr(P), va(P), vc(D * P), buf(D * P), col(D), s_col(D);
+    std::vector<int32_t> last(P);
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const int64_t c = t / (th * tw), ty = (t % (th * tw)) / tw, tx = t % tw;
+      const int x_org = (int)(tx * tile), y_org = (int)(ty * tile);
+      int32_t kmax = -1;
+      std::fill(buf.begin(), buf.end(), T(0));
+      for (int64_t p = 0; p < P; ++p) {
+        const int64_t x = x_org + p % tile, y = y_org + p / tile;
+        if (x >= width || y >= height) {
+          last[p] = -1;
+          Tr[p] = T(1);
+          va[p] = T(0);
+          for (int64_t d = 0; d < D; ++d) vc[d * P + p] = T(0);
+          continue;
+        }
+        const int64_t pix = (c * height + y) * width + x;
+        Tr[p] = out_T[pix];
+        last[p] = out_last[pix];
+        kmax = std::max(kmax, last[p]);
+        T bg_dot = T(0);
+        for (int64_t d = 0; d < D; ++d) {
+          vc[d * P + p] = v_color[pix * D + d];
+          bg_dot += bg[c * D + d] * v_color[pix * D + d];
+        }
+        va[p] = Tr[p] * (v_alpha[pix] - bg_dot);  // d(alpha output, background) / d alpha_i, per 1 / (1 - alpha_i)
+      }
+      const int64_t start = off[t];
+      for (int32_t kl = kmax; kl >= 0; --kl) {
+        const int64_t g = ids[start + kl];
+        const T mx = m2[g * 2], my = m2[g * 2 + 1];
+        const T ca = cn[g * 3], cb = cn[g * 3 + 1], cc = cn[g * 3 + 2], op = opa[g];
+        int lx0, lx1, ly0, ly1;
+        if (!footprint(mx, my, ca, cb, cc, op, x_org, y_org, tile, lx0, lx1, ly0, ly1)) continue;
+        for (int64_t d = 0; d < D; ++d) {
+          col[d] = cl[g * D + d];
+          s_col[d] = T(0);
+        }
+        T s_xx = 0, s_xy = 0, s_yy = 0, s_x = 0, s_y = 0, s_op = 0, sc0 = 0, sc1 = 0, sc2 = 0, sc3 = 0;
+        for (int ly = ly0; ly <= ly1; ++ly) {
+          const T dy = my - (T)(y_org + ly) - T(0.5);
+          const int64_t p0 = (int64_t)ly * tile;
+          T* Tr_row = Tr.data() + p0;
+          const T* va_row = va.data() + p0;
+          const int32_t* last_row = last.data() + p0;
+          if constexpr (DC > 0) {
+            // Channel rows; channels beyond DC alias channel 0 and are never touched (if constexpr).
+            T* b0 = buf.data() + p0;
+            T* b1 = buf.data() + (DC > 1 ? 1 : 0) * P + p0;
+            T* b2 = buf.data() + (DC > 2 ? 2 : 0) * P + p0;
+            T* b3 = buf.data() + (DC > 3 ? 3 : 0) * P + p0;
+            const T* v0 = vc.data() + p0;
+            const T* v1 = vc.data() + (DC > 1 ? 1 : 0) * P + p0;
+            const T* v2 = vc.data() + (DC > 2 ? 2 : 0) * P + p0;
+            const T* v3 = vc.data() + (DC > 3 ? 3 : 0) * P + p0;
+            const T c0 = col[0], c1 = col[DC > 1 ? 1 : 0], c2 = col[DC > 2 ? 2 : 0], c3 = col[DC > 3 ? 3 : 0];
+#pragma omp simd reduction(+ : s_xx, s_xy, s_yy, s_x, s_y, s_op, sc0, sc1, sc2, sc3)
+            for (int lx = lx0; lx <= lx1; ++lx) {
+              const T dx = mx - (T)(x_org + lx) - T(0.5);
+              const T sigma = T(0.5) * (ca * dx * dx + cc * dy * dy) + cb * dx * dy;
+              const T vis = std::exp(-sigma);
+              const T alpha = std::min(Consts<T>::a_max, op * vis);
+              const bool use = (kl <= last_row[lx]) & (sigma >= T(0)) & (alpha >= Consts<T>::a_min);
+              const T ra = T(1) / (T(1) - alpha);
+              const T Tp = use ? Tr_row[lx] * ra : Tr_row[lx];
+              Tr_row[lx] = Tp;
+              const T fac = use ? alpha * Tp : T(0);
+              T v_a = va_row[lx] * ra;
+              v_a += (c0 * Tp - b0[lx] * ra) * v0[lx];
+              sc0 += fac * v0[lx];
+              b0[lx] += c0 * fac;
+              if constexpr (DC > 1) {
+                v_a += (c1 * Tp - b1[lx] * ra) * v1[lx];
+                sc1 += fac * v1[lx];
+                b1[lx] += c1 * fac;
+              }
+              if constexpr (DC > 2) {
+                v_a += (c2 * Tp - b2[lx] * ra) * v2[lx];
+                sc2 += fac * v2[lx];
+                b2[lx] += c2 * fac;
+              }
+              if constexpr (DC > 3) {
+                v_a += (c3 * Tp - b3[lx] * ra) * v3[lx];
+                sc3 += fac * v3[lx];
+                b3[lx] += c3 * fac;
+              }
+              const bool grad_alpha = use & (op * vis <= Consts<T>::a_max);
+              const T v_sigma = grad_alpha ? -op * vis * v_a : T(0);
+              s_xx += v_sigma * dx * dx;
+              s_xy += v_sigma * dx * dy;
+              s_yy += v_sigma * dy * dy;
+              s_x += v_sigma * dx;
+              s_y += v_sigma * dy;
+              s_op += grad_alpha ? vis * v_a : T(0);
+            }
+          } else {
+            for (int lx = lx0; lx <= lx1; ++lx) {
+              const int64_t p = p0 + lx;
+              const T dx = mx - (T)(x_org + lx) - T(0.5);
+              const T sigma = T(0.5) * (ca * dx * dx + cc * dy * dy) + cb * dx * dy;
+              const T vis = std::exp(-sigma);
+              const T alpha = std::min(Consts<T>::a_max, op * vis);
+              const bool use = (kl <= last_row[lx]) & (sigma >= T(0)) & (alpha >= Consts<T>::a_min);
+              if (!use) continue;
+              const T ra = T(1) / (T(1) - alpha);
+              const T Tp = Tr_row[lx] * ra;
+              Tr_row[lx] = Tp;
+              const T fac = alpha * Tp;
+              T v_a = va_row[lx] * ra;
+              for (int64_t d = 0; d < D; ++d) {
+                v_a += (col[d] * Tp - buf[d * P + p] * ra) * vc[d * P + p];
+                s_col[d] += fac * vc[d * P + p];
+                buf[d * P + p] += col[d] * fac;
+              }
+              if (op * vis <= Consts<T>::a_max) {
+                const T v_sigma = -op * vis * v_a;
+                s_xx += v_sigma * dx * dx;
+                s_xy += v_sigma * dx * dy;
+                s_yy += v_sigma * dy * dy;
+                s_x += v_sigma * dx;
+                s_y += v_sigma * dy;
+                s_op += vis * v_a;
+              }
+            }
+          }
+        }
+        if constexpr (DC > 0) {
+          const T sc[4] = {sc0, sc1, sc2, sc3};
+          for (int64_t d = 0; d < D; ++d) s_col[d] = sc[d];
+        }
+        T* gg = gbuf + g * G;
+        gg[0] += ca * s_x + cb * s_y;
+        gg[1] += cb * s_x + cc * s_y;
+        gg[2] += T(0.5) * s_xx;
+        gg[3] += s_xy;
+        gg[4] += T(0.5) * s_yy;
+        gg[5] += s_op;
+        for (int64_t d = 0; d < D; ++d) gg[6 + d] += s_col[d];
+      }
+    }
+  });
+}
+
+#define DISPATCH_D(D, FN, ...)          \
+  switch (D) {                          \
+    case 1: FN<scalar_t, 1>(__VA_ARGS__); break; \
+    case 2: FN<scalar_t, 2>(__VA_ARGS__); break; \
+    case 3: FN<scalar_t, 3>(__VA_ARGS__); break; \
+    case 4: FN<scalar_t, 4>(__VA_ARGS__); break; \
+    default: FN<scalar_t, 0>(__VA_ARGS__); break; \
+  }
+
+void check_inputs(const torch::Tensor& m2, const torch::Tensor& cn, const torch::Tensor& cl, const torch::Tensor& op,
+                  const torch::Tensor& bg, int64_t tile) {
+  TORCH_CHECK(m2.dim() == 2 && m2.size(1) == 2 && m2.is_contiguous(), "means2d must be contiguous [CN, 2]");
+  TORCH_CHECK(cn.dim() == 2 && cn.size(1) == 3 && cn.is_contiguous(), "conics must be contiguous [CN, 3]");
+  TORCH_CHECK(cl.dim() == 2 && cl.size(0) == m2.size(0) && cl.is_contiguous(), "colors must be contiguous [CN, D]");
+  TORCH_CHECK(op.dim() == 1 && op.size(0) == m2.size(0) && op.is_contiguous(), "opacities must be contiguous [CN]");
+  TORCH_CHECK(bg.dim() == 2 && bg.size(1) == cl.size(1) && bg.is_contiguous(), "backgrounds must be [C, D]");
+  TORCH_CHECK(tile > 0 && tile <= kMaxTile, "tile size must be in [1, 32]");
+  for (auto* t : {&cn, &cl, &op, &bg}) TORCH_CHECK(t->scalar_type() == m2.scalar_type(), "dtypes must match");
+}
+
+}  // namespace
+
+std::vector<torch::Tensor> raster_forward(torch::Tensor means2d, torch::Tensor conics, torch::Tensor colors,
+                                          torch::Tensor opacities, torch::Tensor backgrounds, torch::Tensor offsets,
+                                          torch::Tensor ids, int64_t width, int64_t height, int64_t tile) {
+  check_inputs(means2d, conics, colors, opacities, backgrounds, tile);
+  const int64_t C = backgrounds.size(0), D = colors.size(1);
+  auto out_color = torch::empty({C, height, width, D}, colors.options());
+  auto out_T = torch::empty({C, height, width}, colors.options());
+  auto out_last = torch::empty({C, height, width}, torch::kInt32);
+  AT_DISPATCH_FLOATING_TYPES(colors.scalar_type(), "raster_forward", [&] {
+    DISPATCH_D(D, forward_impl, means2d.data_ptr<scalar_t>(), conics.data_ptr<scalar_t>(),
+               colors.data_ptr<scalar_t>(), opacities.data_ptr<scalar_t>(), backgrounds.data_ptr<scalar_t>(),
+               offsets.data_ptr<int64_t>(), ids.data_ptr<int64_t>(), C, D, width, height, (int)tile,
+               out_color.data_ptr<scalar_t>(), out_T.data_ptr<scalar_t>(), out_last.data_ptr<int32_t>());
+  });
+  return {out_color, out_T, out_last};
+}
+
+torch::Tensor raster_backward(torch::Tensor means2d, torch::Tensor conics, torch::Tensor colors,
+                              torch::Tensor opacities, torch::Tensor backgrounds, torch::Tensor offsets,
+                              torch::Tensor ids, int64_t width, int64_t height, int64_t tile, torch::Tensor out_T,
+                              torch::Tensor out_last, torch::Tensor v_color, torch::Tensor v_alpha) {
+  check_inputs(means2d, conics, colors, opacities, backgrounds, tile);
+  const int64_t C = backgrounds.size(0), D = colors.size(1), N = means2d.size(0) / C;
+  v_color = v_color.contiguous();
+  v_alpha = v_alpha.contiguous();
+  const int64_t n_buf = std::max<int64_t>(1, at::get_num_threads());
+  auto grads = torch::zeros({n_buf, C * N, 6 + D}, colors.options());
+  AT_DISPATCH_FLOATING_TYPES(colors.scalar_type(), "raster_backward", [&] {
+    DISPATCH_D(D, backward_impl, means2d.data_ptr<scalar_t>(), conics.data_ptr<scalar_t>(),
+               colors.data_ptr<scalar_t>(), opacities.data_ptr<scalar_t>(), backgrounds.data_ptr<scalar_t>(),
+               offsets.data_ptr<int64_t>(), ids.data_ptr<int64_t>(), C, N, D, width, height, (int)tile,
+               out_T.data_ptr<scalar_t>(), out_last.data_ptr<int32_t>(), v_color.data_ptr<scalar_t>(),
+               v_alpha.data_ptr<scalar_t>(), grads.data_ptr<scalar_t>(), n_buf);
+  });
+  return grads.sum(0);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("bin_gaussians", &bin_gaussians, "per-tile Gaussian lists sorted by depth");
+  m.def("raster_forward", &raster_forward, "forward alpha compositing");
+  m.def("raster_backward", &raster_backward, "analytic backward of raster_forward");
+}

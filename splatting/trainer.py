@@ -1,0 +1,291 @@
+"""3DGS training and evaluation: ``train(cfg, out_dir, resume)`` and ``evaluate(cfg, ckpt, out_dir)``.
+
+The loop (one training view per step, as in 3DGS and gsplat's ``simple_trainer``):
+
+``view -> render_raw (SH degree grows every sh_degree_interval steps) -> (1 - l) L1 + l D-SSIM ->
+backward -> one Adam per parameter group (positions on an exponential decay) -> gsplat's
+DefaultStrategy (clone / split / prune / opacity reset, from meta["means2d"] gradients)``
+
+It shares the engine's run plumbing (progress bar + TensorBoard + ``log.jsonl``, atomic
+checkpoints with ``latest.pt``, RNG state capture) but not ``engine.fit``: densification replaces
+the parameter tensors and their optimizer states every few hundred steps, which ``fit``'s single
+fixed optimizer does not model. A checkpoint holds the (variable-size) parameters, every
+optimizer's state, the schedule, the densification state and the RNG states, so ``--resume``
+reproduces the uninterrupted run.
+
+Outputs in the run folder: ``ckpt/``, ``tb/``, ``log.jsonl``, ``renders/step_XXXXXXXX/*.png``
+(render | ground truth), ``point_cloud.ply`` (standard 3DGS .ply) and ``metrics.json``.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from perception3d.config import config_to_dict
+from perception3d.engine.checkpoint import FORMAT_VERSION, CheckpointManager, read_checkpoint
+from perception3d.engine.data import derive_seed, get_rng_state, seed_everything, set_rng_state
+from perception3d.engine.logger import RunLogger
+from perception3d.errors import ConfigError, DataError
+from perception3d.io.atomic import atomic_path, atomic_write_text
+from splatting.config import SplatConfig, SplatDataConfig
+from splatting.data import SplatDataset, load_scene
+from splatting.gaussians import Gaussians, render_raw
+from splatting.metrics import LPIPS, default_lpips, psnr, ssim, ssim_loss
+
+__all__ = ["prepare_scene", "train", "evaluate", "evaluate_views"]
+
+_GROUPS = ("means", "scales", "quats", "opacities", "sh0", "shN")
+
+
+def prepare_scene(cfg: SplatDataConfig) -> Path:
+    """The scene path, generating the synthetic scene first when it is configured and missing."""
+    root = Path(cfg.root)
+    if root.exists():
+        return root
+    if cfg.synthetic is None:
+        raise DataError(f"data.root={root}: not found (a COLMAP folder, transforms.json or LLFF folder), "
+                        "and data.synthetic is not set, so none is generated")
+    from splatting.data import write_synthetic_scene
+
+    s = cfg.synthetic
+    print(f"[data] generating the synthetic scene ({s.num_views} views, {s.width}x{s.height}) into {root}")
+    return write_synthetic_scene(root, seed=s.seed, num_views=s.num_views, width=s.width, height=s.height,
+                                 num_points=s.num_points, background_rgb=cfg.background)
+
+
+def _device(cfg: SplatConfig) -> torch.device:
+    want = cfg.train.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but CUDA is not available")
+    return torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def _datasets(cfg: SplatConfig) -> tuple[SplatDataset, SplatDataset]:
+    scene = load_scene(prepare_scene(cfg.data))
+    kw = dict(downscale=cfg.data.downscale, test_every=cfg.data.test_every, background_rgb=cfg.data.background)
+    train_set, test_set = SplatDataset(scene, "train", **kw), SplatDataset(scene, "test", **kw)
+    if len(train_set) == 0:
+        raise DataError(f"{cfg.data.root}: no training views (test_every={cfg.data.test_every})")
+    return train_set, test_set
+
+
+def _initial_gaussians(cfg: SplatConfig, train_set: SplatDataset, scene_scale: float) -> Gaussians:
+    m = cfg.model
+    pts = train_set.scene.points
+    if m.init == "sfm" and pts is not None and len(pts) > 0:
+        rgb = None if train_set.scene.points_rgb is None else torch.from_numpy(train_set.scene.points_rgb) / 255.0
+        return Gaussians.from_points(torch.from_numpy(np.asarray(pts, np.float32)), rgb, m.sh_degree, m.init_opacity,
+                                     m.init_scale)
+    centres = torch.stack([torch.from_numpy(f.camtoworld[:3, 3]) for f in train_set.frames]).float()
+    return Gaussians.random(m.init_num_points, centres.mean(0), m.init_extent * scene_scale, m.sh_degree,
+                            seed=cfg.train.seed, init_opacity=m.init_opacity, init_scale=m.init_scale)
+
+
+def _optimizers(cfg: SplatConfig, params: torch.nn.ParameterDict, scene_scale: float) -> dict:
+    o = cfg.optim
+    lrs = {"means": o.means_lr * scene_scale, "scales": o.scales_lr, "quats": o.quats_lr,
+           "opacities": o.opacities_lr, "sh0": o.sh0_lr, "shN": o.shN_lr}
+    # one Adam per group: the layout gsplat's strategies update when Gaussians are added or removed
+    return {k: torch.optim.Adam([{"params": params[k], "lr": lrs[k], "name": k}], eps=1e-15) for k in _GROUPS}
+
+
+def _strategy(cfg: SplatConfig):
+    from gsplat.strategy import DefaultStrategy
+
+    s = cfg.strategy
+    if s.absgrad:
+        raise ConfigError("strategy.absgrad needs gsplat's CUDA rasterizer (absolute 2D gradients); "
+                          "the CPU rasterizer provides plain gradients")
+    return DefaultStrategy(prune_opa=s.prune_opa, grow_grad2d=s.grow_grad2d, grow_scale3d=s.grow_scale3d,
+                           prune_scale3d=s.prune_scale3d, refine_start_iter=s.refine_start_iter,
+                           refine_stop_iter=s.refine_stop_iter, reset_every=s.reset_every,
+                           refine_every=s.refine_every, absgrad=s.absgrad, revised_opacity=s.revised_opacity,
+                           verbose=False)
+
+
+def _view(dataset: SplatDataset, i: int, device: torch.device):
+    s = dataset[i]
+    viewmat = torch.linalg.inv(s.camtoworld)[None].to(device)
+    return s.image.to(device), viewmat, s.K[None].to(device), s.width, s.height, s.name
+
+
+def _to_uint8(img: torch.Tensor) -> np.ndarray:
+    return (img.clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
+
+
+@torch.no_grad()
+def evaluate_views(gaussians: Gaussians, dataset: SplatDataset, cfg: SplatConfig, render_dir: Path | None,
+                   lpips: LPIPS | None = None, device: torch.device = torch.device("cpu")) -> dict:
+    """Render every view of ``dataset``: mean PSNR / SSIM (/ LPIPS), render time, and PNGs.
+
+    Returns:
+        ``{"psnr", "ssim", ["lpips"], "num_gaussians", "ms_per_view", "fps", "views"}``.
+    """
+    from PIL import Image
+
+    g = gaussians.to(device)
+    bg = torch.tensor(cfg.data.background, dtype=torch.float32, device=device)[None]
+    scores: dict[str, list[float]] = {"psnr": [], "ssim": [], "lpips": []}
+    seconds = 0.0
+    for i in range(len(dataset)):
+        image, viewmat, K, W, H, name = _view(dataset, i, device)
+        t0 = time.perf_counter()
+        rgb, _, _, _ = g.render(viewmat, K, W, H, backgrounds=bg, rasterize_mode=cfg.model.rasterize_mode,
+                                near_plane=cfg.model.near_plane, far_plane=cfg.model.far_plane)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds += time.perf_counter() - t0
+        pred = rgb[0].clamp(0, 1)
+        scores["psnr"].append(float(psnr(pred, image)))
+        scores["ssim"].append(float(ssim(pred, image)))
+        if lpips is not None:
+            scores["lpips"].append(float(lpips(pred, image)))
+        if render_dir is not None and i < cfg.eval.num_renders:
+            render_dir.mkdir(parents=True, exist_ok=True)
+            pair = np.concatenate([_to_uint8(pred), _to_uint8(image)], axis=1)
+            with atomic_path(render_dir / f"{Path(name).stem}.png") as tmp:
+                Image.fromarray(pair).save(tmp, format="PNG")
+    n = max(len(dataset), 1)
+    out = {k: float(np.mean(v)) for k, v in scores.items() if v}
+    out.update(num_gaussians=len(gaussians), ms_per_view=1000 * seconds / n, fps=n / max(seconds, 1e-9),
+               views=len(dataset))
+    return out
+
+
+def _lpips(cfg: SplatConfig, device: torch.device) -> LPIPS | None:
+    if cfg.eval.lpips_weights:
+        return LPIPS.from_file(cfg.eval.lpips_weights).to(device)
+    return default_lpips(device)
+
+
+def _save_checkpoint(ckpts: CheckpointManager, step: int, params, optimizers, scheduler, strategy_state,
+                     cfg: SplatConfig) -> Path:
+    state = {
+        "model": {k: v.detach().cpu() for k, v in params.items()},
+        "optimizer": {k: o.state_dict() for k, o in optimizers.items()},
+        "scheduler": scheduler.state_dict(),
+        "strategy": {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in strategy_state.items()},
+        "step": step,
+        "rng": [get_rng_state()],
+        "config": config_to_dict(cfg),
+        "format": FORMAT_VERSION,
+    }
+    return ckpts.save(step, state)
+
+
+def _gaussians_from_checkpoint(state: dict, path) -> Gaussians:
+    try:
+        m = state["model"]
+        return Gaussians(m["means"], m["quats"], m["scales"], m["opacities"], m["sh0"], m["shN"])
+    except KeyError as e:
+        raise DataError(f"{path}: not a splatting checkpoint (missing parameter {e})") from None
+
+
+def train(cfg: SplatConfig, out_dir: str | Path, resume: bool = False) -> dict:
+    """Train 3DGS as configured; evaluate on the held-out views; write renders, .ply and metrics."""
+    out_dir = Path(out_dir)
+    device = _device(cfg)
+    seed_everything(cfg.train.seed)
+    train_set, test_set = _datasets(cfg)
+    scene_scale = train_set.scene_scale()
+    params = _initial_gaussians(cfg, train_set, scene_scale).to_params(device)
+    optimizers = _optimizers(cfg, params, scene_scale)
+    T = cfg.train.max_steps
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizers["means"],
+                                                       gamma=cfg.optim.means_lr_final_ratio ** (1.0 / max(T, 1)))
+    strategy = _strategy(cfg)
+    strategy.check_sanity(params, optimizers)
+    state = strategy.initialize_state(scene_scale=scene_scale)
+    ckpts = CheckpointManager(out_dir / "ckpt", keep_last=cfg.train.keep_last_ckpts)
+    start = 0
+    if resume and ckpts.latest() is not None:
+        ck = read_checkpoint(ckpts.latest())
+        for k in _GROUPS:
+            params[k] = torch.nn.Parameter(ck["model"][k].to(device))
+        optimizers = _optimizers(cfg, params, scene_scale)
+        for k in _GROUPS:
+            optimizers[k].load_state_dict(ck["optimizer"][k])
+        scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizers["means"], gamma=scheduler.gamma)
+        scheduler.load_state_dict(ck["scheduler"])
+        state = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in ck["strategy"].items()}
+        set_rng_state(ck["rng"][0])
+        start = int(ck["step"])
+    lpips = _lpips(cfg, device)
+    bg = torch.tensor(cfg.data.background, dtype=torch.float32, device=device)[None]
+    logger = RunLogger(out_dir, T, initial_step=start, progress=cfg.train.progress)
+    logger.message(f"[splatting] {len(train_set)} training / {len(test_set)} held-out views of "
+                   f"{train_set.size(0)[0]}x{train_set.size(0)[1]} px; {len(params['means'])} initial Gaussians; "
+                   f"device {device}")
+    n = len(train_set)
+    window: dict[str, list[float]] = {}
+    metrics: dict = {}
+    last_ckpt = None
+    try:
+        for step in range(start, T):
+            epoch, pos = divmod(step, n)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(cfg.train.seed, 7, epoch)))
+            image, viewmat, K, W, H, _ = _view(train_set, int(order[pos]), device)
+            sh_degree = min(step // cfg.model.sh_degree_interval, cfg.model.sh_degree)
+            rgb, _, _, meta = render_raw(params["means"], params["quats"], params["scales"], params["opacities"],
+                                         params["sh0"], params["shN"], viewmat, K, W, H, sh_degree, backgrounds=bg,
+                                         rasterize_mode=cfg.model.rasterize_mode, near_plane=cfg.model.near_plane,
+                                         far_plane=cfg.model.far_plane)
+            strategy.step_pre_backward(params, optimizers, state, step, meta)
+            l1 = (rgb[0] - image).abs().mean()
+            d_ssim = ssim_loss(rgb[0], image)
+            loss = (1 - cfg.optim.ssim_lambda) * l1 + cfg.optim.ssim_lambda * d_ssim
+            loss.backward()
+            for opt in optimizers.values():
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            scheduler.step()
+            strategy.step_post_backward(params, optimizers, state, step, meta, packed=False)
+            done = step + 1
+            logger.step()
+            for k, v in (("loss", loss), ("l1", l1), ("d_ssim", d_ssim)):
+                window.setdefault(k, []).append(float(v.detach()))
+            if done % cfg.train.log_every == 0 or done == T:
+                scalars = {k: float(np.mean(v)) for k, v in window.items()}
+                scalars.update(num_gaussians=len(params["means"]), sh_degree=sh_degree,
+                               lr_means=optimizers["means"].param_groups[0]["lr"])
+                logger.log(done, scalars)
+                window.clear()
+            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != T:
+                metrics = evaluate_views(Gaussians.from_params(params), test_set, cfg,
+                                         out_dir / "renders" / f"step_{done:08d}", lpips, device)
+                logger.log(done, metrics, split="eval")
+            if (cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0) or done == T:
+                last_ckpt = _save_checkpoint(ckpts, done, params, optimizers, scheduler, state, cfg)
+    finally:
+        logger.close()
+    gaussians = Gaussians.from_params(params)
+    gaussians.save_ply(out_dir / "point_cloud.ply")
+    metrics = evaluate_views(gaussians, test_set, cfg, out_dir / "renders" / f"step_{T:08d}", lpips, device)
+    result = {"metrics": metrics, "train_views": len(train_set), "step": T,
+              "checkpoint": str(last_ckpt or ckpts.latest()), "ply": str(out_dir / "point_cloud.ply")}
+    atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2))
+    print(f"[eval] {len(test_set)} held-out views: PSNR {metrics.get('psnr', float('nan')):.2f} dB, "
+          f"SSIM {metrics.get('ssim', float('nan')):.4f}, {metrics['num_gaussians']} Gaussians, "
+          f"{metrics['ms_per_view']:.1f} ms/view; renders in {out_dir / 'renders'}")
+    return result
+
+
+def evaluate(cfg: SplatConfig, ckpt: str | Path, out_dir: str | Path) -> dict:
+    """Evaluate a checkpoint (file or run folder) or a 3DGS .ply on the held-out views."""
+    out_dir = Path(out_dir)
+    device = _device(cfg)
+    _, test_set = _datasets(cfg)
+    if str(ckpt).endswith(".ply"):
+        gaussians = Gaussians.load_ply(ckpt)
+    else:
+        gaussians = _gaussians_from_checkpoint(read_checkpoint(ckpt), ckpt)
+    metrics = evaluate_views(gaussians, test_set, cfg, out_dir / "renders" / "eval", _lpips(cfg, device), device)
+    result = {"metrics": metrics, "checkpoint": str(ckpt)}
+    atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2))
+    print(f"[eval] {len(test_set)} held-out views: PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}, "
+          f"{metrics['num_gaussians']} Gaussians, {metrics['fps']:.1f} FPS")
+    return result

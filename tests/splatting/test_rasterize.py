@@ -1,0 +1,209 @@
+"""The rasterizer: projection and SH vs gsplat's pure-torch functions, CPU kernel vs the pure-torch
+reference (values and gradients), float64 gradcheck, a hand-computed pixel, culling, errors."""
+import math
+
+import pytest
+import torch
+
+from perception3d.errors import DataError
+from splatting._ext import cpu_ext
+from splatting._reference import bin_gaussians_torch
+from splatting.projection import project_gaussians
+from splatting.rasterize import rasterize
+from splatting.sh import eval_sh, rgb_to_sh0
+
+gsplat_torch = pytest.importorskip("gsplat.cuda._torch_impl")
+
+
+def _scene(n=400, C=2, W=70, H=50, dtype=torch.float32, seed=0, sh_degree=None):
+    g = torch.Generator().manual_seed(seed)
+    means = (torch.rand(n, 3, generator=g) * 2 - 1) * torch.tensor([1.6, 1.1, 1.0])
+    quats = torch.randn(n, 4, generator=g)
+    scales = torch.rand(n, 3, generator=g) * 0.15 + 0.02
+    opac = torch.rand(n, generator=g) * 0.9 + 0.05
+    if sh_degree is None:
+        colors = torch.rand(n, 3, generator=g)
+    else:
+        colors = torch.randn(n, (sh_degree + 1) ** 2, 3, generator=g) * 0.3
+    viewmats = torch.eye(4).repeat(C, 1, 1)
+    viewmats[:, 2, 3] = 4.0
+    if C > 1:  # a second camera, turned by 10 degrees about y and shifted
+        a = math.radians(10)
+        viewmats[1, :3, :3] = torch.tensor([[math.cos(a), 0, math.sin(a)], [0, 1, 0], [-math.sin(a), 0, math.cos(a)]])
+        viewmats[1, 0, 3] = 0.3
+    Ks = torch.tensor([[60.0, 0, W / 2 + 0.3], [0, 58.0, H / 2 - 0.2], [0, 0, 1]]).repeat(C, 1, 1)
+    tensors = [t.to(dtype) for t in (means, quats, scales, opac, colors, viewmats, Ks)]
+    return tensors, W, H
+
+
+@pytest.mark.parametrize("antialiased", [False, True])
+def test_projection_matches_gsplat_torch(antialiased):
+    (means, quats, scales, _, _, viewmats, Ks), W, H = _scene(dtype=torch.float64)
+    means = means * torch.tensor([3.0, 3.0, 4.5], dtype=torch.float64)  # some behind the camera / outside
+    p = project_gaussians(means, quats, scales, viewmats, Ks, W, H, antialiased=antialiased)
+    covars, _ = gsplat_torch._quat_scale_to_covar_preci(quats, scales, compute_preci=False)
+    radii, means2d, depths, conics, comp = gsplat_torch._fully_fused_projection(
+        means, covars, viewmats, Ks, W, H, calc_compensations=antialiased)
+    assert 0 < int((p.radii > 0).sum()) < p.radii.numel()  # both culled and visible ones
+    assert torch.equal(p.radii, radii)
+    vis = radii > 0
+    torch.testing.assert_close(p.means2d[vis], means2d[vis], rtol=1e-10, atol=1e-9)
+    torch.testing.assert_close(p.conics[vis], conics[vis], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(p.depths, depths)
+    if antialiased:
+        torch.testing.assert_close(p.compensations[vis], comp[vis], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("degree", [0, 1, 2, 3])
+def test_sh_matches_gsplat_torch(degree):
+    g = torch.Generator().manual_seed(degree)
+    dirs = torch.randn(50, 3, generator=g, dtype=torch.float64)
+    coeffs = torch.randn(50, 16, 3, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(eval_sh(degree, dirs, coeffs), gsplat_torch._spherical_harmonics(degree, dirs, coeffs))
+    # the DC term alone renders its colour from every direction
+    rgb = torch.rand(50, 3, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(eval_sh(0, dirs, rgb_to_sh0(rgb)[:, None]) + 0.5, rgb)
+
+
+def test_binning_cpp_equals_torch():
+    (means, quats, scales, _, _, viewmats, Ks), W, H = _scene(n=600, C=2)
+    p = project_gaussians(means, quats, scales, viewmats, Ks, W, H)
+    tw, th = math.ceil(W / 16), math.ceil(H / 16)
+    order = torch.argsort(p.depths, dim=1, stable=True)
+    off_c, ids_c = cpu_ext().bin_gaussians(p.means2d, p.radii, order, 16, tw, th)
+    off_t, ids_t = bin_gaussians_torch(p.means2d, p.radii, p.depths, 16, tw, th)
+    assert ids_c.numel() > 600
+    assert torch.equal(off_c, off_t) and torch.equal(ids_c, ids_t)
+    # every list is sorted by depth and holds only Gaussians of its camera
+    depth = p.depths.reshape(-1)
+    for t in range(2 * th * tw):
+        seg = ids_c[off_c[t]:off_c[t + 1]]
+        assert bool((depth[seg][1:] >= depth[seg][:-1]).all())
+        assert bool((seg // 600 == t // (th * tw)).all())
+
+
+def _render(args, W, H, backend, sh_degree=None, **kw):
+    a = [t.clone().requires_grad_(i < 5) for i, t in enumerate(args)]
+    bg = torch.tensor([[0.2, 0.5, 0.1], [0.9, 0.0, 0.3]], dtype=a[0].dtype)[: args[5].shape[0]].requires_grad_(True)
+    rgb, alpha, depth, meta = rasterize(*a, W, H, sh_degree=sh_degree, backgrounds=bg, backend=backend, **kw)
+    # a realistic loss: means over pixels, as in training
+    w = torch.linspace(0.5, 1.5, 3, dtype=rgb.dtype)
+    loss = (rgb * w).mean() + alpha.square().mean() + (0.0 if depth is None else 0.1 * depth.mean())
+    loss.backward()
+    grads = [x.grad for x in a[:5]] + [bg.grad]
+    return rgb.detach(), alpha.detach(), None if depth is None else depth.detach(), grads
+
+
+@pytest.mark.parametrize("mode,rmode,sh", [("RGB+ED", "classic", None), ("RGB+D", "antialiased", 3), ("RGB", "classic", 1)])
+def test_cpu_kernel_matches_reference(mode, rmode, sh):
+    args, W, H = _scene(sh_degree=sh)
+    ours = _render(args, W, H, "cpu", sh, render_mode=mode, rasterize_mode=rmode)
+    ref = _render(args, W, H, "reference", sh, render_mode=mode, rasterize_mode=rmode)
+    assert ref[1].max() > 0.9 and ref[1].min() < 0.1  # covered and empty pixels both present
+    for a, b in zip(ours[:3], ref[:3]):
+        if b is not None:
+            assert (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item())
+    names = ["means", "quats", "scales", "opacities", "colors", "backgrounds"]
+    for name, ga, gb in zip(names, ours[3], ref[3]):
+        assert gb.abs().max() > 0, name
+        assert (ga - gb).abs().max().item() <= 1e-5, (name, (ga - gb).abs().max().item(), gb.abs().max().item())
+
+
+def test_gradcheck_float64_tiny_scene():
+    args, W, H = _scene(n=12, C=1, W=20, H=18, dtype=torch.float64, seed=3)
+    means, quats, scales, opac, colors, viewmats, Ks = args
+    scales = scales * 3
+
+    def f(m, q, s, o, c):
+        rgb, alpha, depth, _ = rasterize(m, q, s, o, c, viewmats, Ks, W, H, render_mode="RGB+ED", backend="cpu")
+        return rgb, alpha, depth
+
+    inputs = [t.clone().requires_grad_(True) for t in (means, quats, scales, opac, colors)]
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def test_single_gaussian_known_pixel():
+    # An isotropic Gaussian (std s) at depth z on the optical axis: cov2d = (f s / z)^2 + 0.3 px^2,
+    # so at a pixel centre d pixels away (per axis) alpha = o exp(-0.5 |d|^2 / var).
+    f, s, z, o, W, H = 50.0, 0.1, 5.0, 0.7, 16, 16
+    K = torch.tensor([[[f, 0, 8.0], [0, f, 8.0], [0, 0, 1]]])
+    rgb, alpha, depth, meta = rasterize(torch.tensor([[0.0, 0, z]]), torch.tensor([[1.0, 0, 0, 0]]),
+                                        torch.full((1, 3), s), torch.tensor([o]), torch.tensor([[1.0, 0.5, 0.25]]),
+                                        torch.eye(4)[None], K, W, H, render_mode="RGB+D")
+    var = (f * s / z) ** 2 + 0.3
+    for (u, v) in [(8, 8), (7, 8), (10, 5)]:
+        d2 = (u + 0.5 - 8.0) ** 2 + (v + 0.5 - 8.0) ** 2
+        a = o * math.exp(-0.5 * d2 / var)
+        assert alpha[0, v, u, 0].item() == pytest.approx(a if a >= 1 / 255 else 0.0, rel=1e-5, abs=1e-7)
+        assert rgb[0, v, u].tolist() == pytest.approx([a * 1.0, a * 0.5, a * 0.25], rel=1e-5, abs=1e-7)
+        assert depth[0, v, u, 0].item() == pytest.approx(a * z, rel=1e-5, abs=1e-6)
+    assert meta["radii"].item() == math.ceil(3 * math.sqrt(var + math.sqrt(0.01)))
+
+
+def _two_on_axis(s):
+    """Red Gaussian at z = 3 in front of a blue one at z = 6 (listed first), both opacity 1."""
+    f = 20.0
+    out = rasterize(torch.tensor([[0.0, 0, 6.0], [0.0, 0, 3.0]]), torch.tensor([[1.0, 0, 0, 0]] * 2),
+                    torch.full((2, 3), s), torch.tensor([1.0, 1.0]), torch.tensor([[0.0, 0, 1], [1.0, 0, 0]]),
+                    torch.eye(4)[None], torch.tensor([[[f, 0, 8], [0, f, 8], [0, 0, 1]]]), 16, 16)
+    # alpha at the centre pixel (0.5 px off the mean along x and y) of a Gaussian at depth z
+    alpha = [min(0.999, math.exp(-0.25 / ((f * s / z) ** 2 + 0.3))) for z in (3.0, 6.0)]
+    return out, alpha
+
+
+def test_front_to_back_compositing():
+    (rgb, alpha, _, _), (a_front, a_back) = _two_on_axis(1.0)
+    assert rgb[0, 8, 8].tolist() == pytest.approx([a_front, 0.0, a_back * (1 - a_front)], rel=1e-5)
+    assert alpha[0, 8, 8, 0].item() == pytest.approx(1 - (1 - a_front) * (1 - a_back), rel=1e-6)
+
+
+def test_saturation_stops_compositing():
+    # Very wide Gaussians: alpha clamps at 0.999; the back one would bring the transmittance from
+    # 1e-3 to 1e-6 <= 1e-4, so it is not composited at all (gsplat's stopping rule).
+    (rgb, alpha, _, _), (a_front, a_back) = _two_on_axis(30.0)
+    assert a_front == a_back == 0.999
+    assert rgb[0].reshape(-1, 3)[:, 2].abs().max().item() == 0.0
+    assert rgb[0, 8, 8, 0].item() == pytest.approx(0.999, rel=1e-6)
+    assert alpha[0, 8, 8, 0].item() == pytest.approx(0.999, rel=1e-6)
+
+
+def test_culled_and_means2d_gradients():
+    (means, quats, scales, opac, colors, viewmats, Ks), W, H = _scene(n=50, C=1)
+    means = means.clone()
+    means[0] = torch.tensor([0.0, 0.0, -6.0])  # behind the camera
+    means = means.requires_grad_(True)
+    rgb, _, _, meta = rasterize(means, quats, scales, opac, colors, viewmats, Ks, W, H)
+    meta["means2d"].retain_grad()
+    rgb.mean().backward()
+    g2 = meta["means2d"].grad
+    assert g2.shape == (1, 50, 2) and meta["radii"][0, 0] == 0
+    assert g2[0, 0].abs().sum() == 0 and means.grad[0].abs().sum() == 0
+    assert bool((g2[0, meta["radii"][0] > 0].abs().sum(-1) > 0).any())
+    assert meta["width"] == W and meta["height"] == H and meta["n_cameras"] == 1
+
+
+def test_bad_inputs():
+    (means, quats, scales, opac, colors, viewmats, Ks), W, H = _scene(n=10, C=1)
+    with pytest.raises(DataError, match="quats"):
+        rasterize(means, quats[:5], scales, opac, colors, viewmats, Ks, W, H)
+    with pytest.raises(DataError, match="SH coefficients"):
+        rasterize(means, quats, scales, opac, colors, viewmats, Ks, W, H, sh_degree=1)
+    with pytest.raises(DataError, match="NaN"):
+        rasterize(means.clone().fill_(float("nan")), quats, scales, opac, colors, viewmats, Ks, W, H)
+    with pytest.raises(DataError, match="render_mode"):
+        rasterize(means, quats, scales, opac, colors, viewmats, Ks, W, H, render_mode="D")
+    with pytest.raises(DataError, match="width"):
+        rasterize(means, quats, scales, opac, colors, viewmats, Ks, 0, H)
+
+
+@pytest.mark.cuda
+def test_gsplat_cuda_parity():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    args, W, H = _scene(n=2000, C=2, W=160, H=120, sh_degree=3)
+    cpu = _render(args, W, H, "cpu", 3, render_mode="RGB+ED")
+    gpu = _render([t.cuda() for t in args], W, H, "gsplat", 3, render_mode="RGB+ED")
+    for a, b in zip(cpu[:3], gpu[:3]):
+        assert (a - b.cpu()).abs().max().item() < 1e-4
+    for a, b in zip(cpu[3], gpu[3]):
+        assert (a - b.cpu()).abs().max().item() < 1e-4 * max(1.0, a.abs().max().item())
