@@ -18,7 +18,10 @@ ALPHA_MIN, ALPHA_MAX, T_MIN = 1.0 / 255.0, 0.999, 1e-4
 @torch.no_grad()
 def bin_gaussians_torch(means2d: torch.Tensor, radii: torch.Tensor, depths: torch.Tensor, tile: int,
                         tw: int, th: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-tile Gaussian lists sorted by depth (same output as the C++ ``bin_gaussians``).
+    """Per-tile Gaussian lists sorted by depth: every tile of each Gaussian's 3-sigma square (gsplat's binning).
+
+    The C++ ``bin_gaussians`` keeps only the tiles its alpha >= 1/255 box also touches; the
+    dropped tiles are ones where it composites no pixel, so both give the same image.
 
     Args:
         means2d: ``[C, N, 2]``; radii: ``[C, N]`` int (0 = culled); depths: ``[C, N]``.

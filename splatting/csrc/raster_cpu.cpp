@@ -2,8 +2,10 @@
 //
 // The algorithm is gsplat's (16 x 16 pixel tiles; per tile the Gaussians touching it in increasing
 // depth; per pixel front-to-back compositing), arranged for a CPU:
-//  * bin_gaussians: counting sort into per-tile lists (Gaussians visited in depth order, so each
-//    list comes out sorted by depth).
+//  * bin_gaussians: per Gaussian, the pixel box outside which its alpha is below 1/255 (from its
+//    opacity and conic: tighter than gsplat's 3-sigma square, same pixels composited); then a
+//    counting sort of Gaussians into the tiles their box touches (visited in depth order, so each
+//    tile's list comes out sorted by depth).
 //  * raster_forward: tiles are spread over torch's thread pool (at::parallel_for). A tile walks
 //    its list once; each Gaussian updates only the pixels of its footprint box (outside it,
 //    alpha < 1/255 is guaranteed), row by row in branch-free loops that the compiler vectorises
@@ -21,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -34,29 +37,29 @@ struct Consts {
   static constexpr T t_min = T(1e-4);
 };
 
-inline void tile_rect(double mx, double my, double r, int tile, int tw, int th, int& x0, int& x1, int& y0, int& y1) {
-  x0 = std::min(std::max(0, (int)std::floor((mx - r) / tile)), tw);
-  x1 = std::min(std::max(0, (int)std::ceil((mx + r) / tile)), tw);
-  y0 = std::min(std::max(0, (int)std::floor((my - r) / tile)), th);
-  y1 = std::min(std::max(0, (int)std::ceil((my + r) / tile)), th);
-}
-
-// Local pixel box (inclusive, tile coordinates) outside which the Gaussian has alpha < 1/255:
-// op exp(-sigma) >= 1/255 needs sigma <= s = log(255 op), and the ellipse 0.5 d^T Q d <= s has
-// half-widths sqrt(2 s (Q^-1)_xx), sqrt(2 s (Q^-1)_yy). One pixel of margin keeps the box
-// conservative under rounding; the exact alpha test still decides every pixel inside it.
-template <typename T>
-inline bool footprint(T mx, T my, T ca, T cb, T cc, T op, int x_org, int y_org, int tile, int& lx0, int& lx1,
-                      int& ly0, int& ly1) {
-  if (!(op >= Consts<T>::a_min)) return false;
-  const double det = (double)ca * cc - (double)cb * cb;
+// Half-widths of the pixel box outside which a Gaussian has alpha < 1/255: op exp(-sigma) >= 1/255
+// needs sigma <= s = log(255 op), and the ellipse 0.5 d^T Q d <= s has half-widths
+// sqrt(2 s (Q^-1)_xx), sqrt(2 s (Q^-1)_yy). One pixel of margin keeps the box conservative under
+// rounding; the exact alpha test still decides every pixel inside it. Returns false if the
+// Gaussian can never reach alpha 1/255; a degenerate conic gets an unbounded box.
+inline bool extent(double ca, double cb, double cc, double op, double& hx, double& hy) {
+  if (!(op >= 1.0 / 255.0)) return false;
+  const double det = ca * cc - cb * cb;
   if (!(det > 0)) {
-    lx0 = ly0 = 0;
-    lx1 = ly1 = tile - 1;
+    hx = hy = 1e30;
     return true;
   }
-  const double s = std::log((double)op / (double)Consts<T>::a_min);
-  const double hx = std::sqrt(2.0 * s * cc / det) + 1.0, hy = std::sqrt(2.0 * s * ca / det) + 1.0;
+  const double s = std::log(op * 255.0);
+  hx = std::sqrt(2.0 * s * cc / det) + 1.0;
+  hy = std::sqrt(2.0 * s * ca / det) + 1.0;
+  return true;
+}
+
+// The part of a Gaussian's box inside the tile at (x_org, y_org): local pixel indices, inclusive.
+template <typename T>
+inline bool footprint(T mx, T my, const double* ext, int x_org, int y_org, int tile, int& lx0, int& lx1, int& ly0,
+                      int& ly1) {
+  const double hx = ext[0], hy = ext[1];
   const double cx = (double)mx - 0.5 - x_org, cy = (double)my - 0.5 - y_org;
   auto clampd = [&](double v) { return std::min(std::max(v, -1.0), tile + 1.0); };
   lx0 = std::max((int)std::floor(clampd(cx - hx)), 0);
@@ -68,41 +71,73 @@ inline bool footprint(T mx, T my, T ca, T cb, T cc, T op, int x_org, int y_org, 
 
 }  // namespace
 
-std::vector<torch::Tensor> bin_gaussians(torch::Tensor means2d, torch::Tensor radii, torch::Tensor order, int64_t tile,
-                                         int64_t tw, int64_t th) {
+std::vector<torch::Tensor> bin_gaussians(torch::Tensor means2d, torch::Tensor conics, torch::Tensor opacities,
+                                         torch::Tensor radii, torch::Tensor depths, int64_t tile, int64_t tw,
+                                         int64_t th) {
   TORCH_CHECK(means2d.dim() == 3 && means2d.size(2) == 2, "means2d must be [C, N, 2]");
   auto m = means2d.to(torch::kFloat64).contiguous();
+  auto cn = conics.to(torch::kFloat64).contiguous();
+  auto opa = opacities.to(torch::kFloat64).contiguous();
   auto r = radii.to(torch::kInt32).contiguous();
-  auto o = order.to(torch::kInt64).contiguous();
+  auto dep = depths.to(torch::kFloat64).contiguous();
   const int64_t C = r.size(0), N = r.size(1), n_tiles = th * tw;
+  TORCH_CHECK(cn.numel() == C * N * 3 && opa.numel() == C * N && dep.numel() == C * N, "bin_gaussians: shapes");
   const double* mp = m.data_ptr<double>();
+  const double* cp = cn.data_ptr<double>();
+  const double* opp = opa.data_ptr<double>();
   const int32_t* rp = r.data_ptr<int32_t>();
-  const int64_t* op = o.data_ptr<int64_t>();
+  const double* dp = dep.data_ptr<double>();
+  // per Gaussian: its box half-widths (ext) and its tile rectangle (x0, x1, y0, y1; empty if culled)
+  auto ext = torch::empty({C * N, 2}, torch::kFloat64);
+  double* ep = ext.data_ptr<double>();
+  std::vector<int32_t> rect(C * N * 4);
+  at::parallel_for(0, C * N, 4096, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      int32_t* rc = rect.data() + i * 4;
+      rc[0] = rc[1] = rc[2] = rc[3] = 0;
+      ep[i * 2] = ep[i * 2 + 1] = -1.0;
+      if (rp[i] <= 0 || !extent(cp[i * 3], cp[i * 3 + 1], cp[i * 3 + 2], opp[i], ep[i * 2], ep[i * 2 + 1])) continue;
+      // the tiles of gsplat's 3-sigma square (mean +- radius), intersected with those of the alpha
+      // box (pixel u is inside it when |u + 0.5 - mx| <= hx)
+      const double mx = mp[i * 2], my = mp[i * 2 + 1], rad = rp[i], hx = ep[i * 2], hy = ep[i * 2 + 1];
+      auto lo = [&](double v, int64_t n) { return (int32_t)std::min<double>(std::max(v, 0.0), (double)n); };
+      rc[0] = std::max(lo(std::floor((mx - rad) / tile), tw), lo(std::floor((mx - 0.5 - hx) / tile), tw));
+      rc[1] = std::min(lo(std::ceil((mx + rad) / tile), tw), lo(std::floor((mx - 0.5 + hx) / tile) + 1.0, tw));
+      rc[2] = std::max(lo(std::floor((my - rad) / tile), th), lo(std::floor((my - 0.5 - hy) / tile), th));
+      rc[3] = std::min(lo(std::ceil((my + rad) / tile), th), lo(std::floor((my - 0.5 + hy) / tile) + 1.0, th));
+      if (rc[1] < rc[0]) rc[1] = rc[0];
+      if (rc[3] < rc[2]) rc[3] = rc[2];
+    }
+  });
   auto offsets = torch::zeros({C * n_tiles + 1}, torch::kInt64);
   int64_t* off = offsets.data_ptr<int64_t>();
-  int x0, x1, y0, y1;
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t n = 0; n < N; ++n) {
-      const int32_t rad = rp[c * N + n];
-      if (rad <= 0) continue;
-      tile_rect(mp[(c * N + n) * 2], mp[(c * N + n) * 2 + 1], rad, tile, tw, th, x0, x1, y0, y1);
-      for (int ty = y0; ty < y1; ++ty)
-        for (int tx = x0; tx < x1; ++tx) off[c * n_tiles + ty * tw + tx + 1] += 1;
-    }
+  for (int64_t i = 0; i < C * N; ++i) {
+    const int32_t* rc = rect.data() + i * 4;
+    const int64_t base = (i / N) * n_tiles + 1;
+    for (int ty = rc[2]; ty < rc[3]; ++ty)
+      for (int tx = rc[0]; tx < rc[1]; ++tx) off[base + ty * tw + tx] += 1;
+  }
   for (int64_t t = 0; t < C * n_tiles; ++t) off[t + 1] += off[t];
   auto ids = torch::empty({off[C * n_tiles]}, torch::kInt64);
   int64_t* idp = ids.data_ptr<int64_t>();
+  // visit the binned Gaussians of each camera by increasing (depth, index): lists come out sorted
   std::vector<int64_t> cursor(off, off + C * n_tiles);
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t i = 0; i < N; ++i) {
-      const int64_t n = op[c * N + i];
-      const int32_t rad = rp[c * N + n];
-      if (rad <= 0) continue;
-      tile_rect(mp[(c * N + n) * 2], mp[(c * N + n) * 2 + 1], rad, tile, tw, th, x0, x1, y0, y1);
-      for (int ty = y0; ty < y1; ++ty)
-        for (int tx = x0; tx < x1; ++tx) idp[cursor[c * n_tiles + ty * tw + tx]++] = c * N + n;
+  std::vector<std::pair<double, int64_t>> order;
+  for (int64_t c = 0; c < C; ++c) {
+    order.clear();
+    for (int64_t g = c * N; g < (c + 1) * N; ++g) {
+      const int32_t* rc = rect.data() + g * 4;
+      if (rc[1] > rc[0] && rc[3] > rc[2]) order.emplace_back(dp[g], g);
     }
-  return {offsets, ids};
+    std::sort(order.begin(), order.end());
+    for (const auto& dg : order) {
+      const int64_t g = dg.second;
+      const int32_t* rc = rect.data() + g * 4;
+      for (int ty = rc[2]; ty < rc[3]; ++ty)
+        for (int tx = rc[0]; tx < rc[1]; ++tx) idp[cursor[c * n_tiles + ty * tw + tx]++] = g;
+    }
+  }
+  return {offsets, ids, ext};
 }
 
 namespace {
@@ -110,12 +145,12 @@ namespace {
 // DC > 0: compile-time channel count; DC == 0: runtime D.
 template <typename T, int DC>
 void forward_impl(const T* m2, const T* cn, const T* cl, const T* opa, const T* bg, const int64_t* off,
-                  const int64_t* ids, int64_t C, int64_t D_rt, int64_t width, int64_t height, int tile, T* out_color,
+                  const int64_t* ids, const double* ext, int64_t C, int64_t D_rt, int64_t width, int64_t height, int tile, T* out_color,
                   T* out_T, int32_t* out_last) {
   const int64_t D = DC > 0 ? DC : D_rt;
   const int64_t tw = (width + tile - 1) / tile, th = (height + tile - 1) / tile, P = (int64_t)tile * tile;
   at::parallel_for(0, C * th * tw, 1, [&](int64_t t_begin, int64_t t_end) {
-    std::vector<T> Tr(P), acc(D * P), w(tile);
+    std::vector<T> Tr(P), acc(D * P), w(P), px(P), py(P);  // px, py: pixel centres
     std::vector<T> act(P);  // 1 = still compositing, 0 = stopped or outside the image
     std::vector<int32_t> last(P);
     for (int64_t t = t_begin; t < t_end; ++t) {
@@ -124,6 +159,8 @@ void forward_impl(const T* m2, const T* cn, const T* cl, const T* opa, const T* 
       int64_t n_act = 0;
       for (int64_t p = 0; p < P; ++p) {
         const bool in = x_org + p % tile < width && y_org + p / tile < height;
+        px[p] = T(x_org + p % tile) + T(0.5);
+        py[p] = T(y_org + p / tile) + T(0.5);
         act[p] = in ? T(1) : T(0);
         n_act += in;
         Tr[p] = T(1);
@@ -136,36 +173,48 @@ void forward_impl(const T* m2, const T* cn, const T* cl, const T* opa, const T* 
         const T mx = m2[g * 2], my = m2[g * 2 + 1];
         const T ca = cn[g * 3], cb = cn[g * 3 + 1], cc = cn[g * 3 + 2], op = opa[g];
         int lx0, lx1, ly0, ly1;
-        if (!footprint(mx, my, ca, cb, cc, op, x_org, y_org, tile, lx0, lx1, ly0, ly1)) continue;
+        if (!footprint(mx, my, ext + g * 2, x_org, y_org, tile, lx0, lx1, ly0, ly1)) continue;
         const int32_t kl = (int32_t)(k - start);
-        for (int ly = ly0; ly <= ly1; ++ly) {
-          const T dy = my - (T)(y_org + ly) - T(0.5);
-          T* Tr_row = Tr.data() + ly * tile;
-          T* act_row = act.data() + ly * tile;
-          int32_t* last_row = last.data() + ly * tile;
-          int64_t stops = 0;
+        // One branch-free pass over the whole rows ly0..ly1 of the tile (pixels of those rows
+        // outside the box fail the alpha test): alpha, transmittance, stop test and, for RGB, the
+        // colour accumulation. Channels beyond DC alias channel 0 and are never touched.
+        const int64_t p0 = (int64_t)ly0 * tile, p1 = (int64_t)(ly1 + 1) * tile;
+        T* a0 = acc.data();
+        T* a1 = acc.data() + (DC > 1 ? 1 : 0) * P;
+        T* a2 = acc.data() + (DC > 2 ? 2 : 0) * P;
+        const T c0 = DC == 3 ? cl[g * 3] : T(0), c1 = DC == 3 ? cl[g * 3 + 1] : T(0),
+                c2 = DC == 3 ? cl[g * 3 + 2] : T(0);
+        int64_t stops = 0;
 #pragma omp simd reduction(+ : stops)
-          for (int lx = lx0; lx <= lx1; ++lx) {
-            const T dx = mx - (T)(x_org + lx) - T(0.5);
-            const T sigma = T(0.5) * (ca * dx * dx + cc * dy * dy) + cb * dx * dy;
-            const T alpha = std::min(Consts<T>::a_max, op * std::exp(-sigma));
-            const T tr = Tr_row[lx];
-            // non-short-circuit boolean algebra and selects: the loop stays branch-free (vectorised)
-            const bool valid = (act_row[lx] > T(0)) & (sigma >= T(0)) & (alpha >= Consts<T>::a_min);
-            const T nt = tr * (T(1) - alpha);
-            const bool stop = valid & (nt <= Consts<T>::t_min);
-            const bool use = valid & !stop;
-            act_row[lx] = stop ? T(0) : act_row[lx];
-            stops += stop ? 1 : 0;
-            w[lx] = use ? alpha * tr : T(0);
-            Tr_row[lx] = use ? nt : tr;
-            last_row[lx] = use ? kl : last_row[lx];
+        for (int64_t p = p0; p < p1; ++p) {
+          const T dx = mx - px[p], dy = my - py[p];
+          const T sigma = T(0.5) * (ca * dx * dx + cc * dy * dy) + cb * dx * dy;
+          const T alpha = std::min(Consts<T>::a_max, op * std::exp(-sigma));
+          const T tr = Tr[p];
+          // non-short-circuit boolean algebra and selects: the loop stays branch-free (vectorised)
+          const bool valid = (act[p] > T(0)) & (sigma >= T(0)) & (alpha >= Consts<T>::a_min);
+          const T nt = tr * (T(1) - alpha);
+          const bool stop = valid & (nt <= Consts<T>::t_min);
+          const bool use = valid & !stop;
+          act[p] = stop ? T(0) : act[p];
+          stops += stop ? 1 : 0;
+          const T wt = use ? alpha * tr : T(0);
+          Tr[p] = use ? nt : tr;
+          last[p] = use ? kl : last[p];
+          if constexpr (DC == 3) {
+            a0[p] += wt * c0;
+            a1[p] += wt * c1;
+            a2[p] += wt * c2;
+          } else {
+            w[p] = wt;
           }
-          n_act -= stops;
+        }
+        n_act -= stops;
+        if constexpr (DC != 3) {
           for (int64_t d = 0; d < D; ++d) {
             const T col = cl[g * D + d];
-            T* acc_row = acc.data() + d * P + ly * tile;
-            for (int lx = lx0; lx <= lx1; ++lx) acc_row[lx] += w[lx] * col;
+            T* acc_d = acc.data() + d * P;
+            for (int64_t p = p0; p < p1; ++p) acc_d[p] += w[p] * col;
           }
         }
       }
@@ -183,7 +232,7 @@ void forward_impl(const T* m2, const T* cn, const T* cl, const T* opa, const T* 
 
 template <typename T, int DC>
 void backward_impl(const T* m2, const T* cn, const T* cl, const T* opa, const T* bg, const int64_t* off,
-                   const int64_t* ids, int64_t C, int64_t N, int64_t D_rt, int64_t width, int64_t height, int tile,
+                   const int64_t* ids, const double* ext, int64_t C, int64_t N, int64_t D_rt, int64_t width, int64_t height, int tile,
                    const T* out_T, const int32_t* out_last, const T* v_color, const T* v_alpha, T* grads,
                    int64_t n_buf) {
   const int64_t D = DC > 0 ? DC : D_rt;
@@ -192,7 +241,7 @@ void backward_impl(const T* m2, const T* cn, const T* cl, const T* opa, const T*
   at::parallel_for(0, C * th * tw, 1, [&](int64_t t_begin, int64_t t_end) {
     const int64_t tid = std::min<int64_t>(at::get_thread_num(), n_buf - 1);
     T* gbuf = grads + tid * C * N * G;
-    std::vector<T> Tr(P), va(P), vc(D * P), buf(D * P), col(D), s_col(D);
+    std::vector<T> Tr(P), va(P), vc(D * P), buf(D * P), col(D), s_col(D), px(P), py(P);
     std::vector<int32_t> last(P);
     for (int64_t t = t_begin; t < t_end; ++t) {
       const int64_t c = t / (th * tw), ty = (t % (th * tw)) / tw, tx = t % tw;
@@ -201,6 +250,8 @@ void backward_impl(const T* m2, const T* cn, const T* cl, const T* opa, const T*
       std::fill(buf.begin(), buf.end(), T(0));
       for (int64_t p = 0; p < P; ++p) {
         const int64_t x = x_org + p % tile, y = y_org + p / tile;
+        px[p] = T(x) + T(0.5);
+        py[p] = T(y) + T(0.5);
         if (x >= width || y >= height) {
           last[p] = -1;
           Tr[p] = T(1);
@@ -225,96 +276,89 @@ void backward_impl(const T* m2, const T* cn, const T* cl, const T* opa, const T*
         const T mx = m2[g * 2], my = m2[g * 2 + 1];
         const T ca = cn[g * 3], cb = cn[g * 3 + 1], cc = cn[g * 3 + 2], op = opa[g];
         int lx0, lx1, ly0, ly1;
-        if (!footprint(mx, my, ca, cb, cc, op, x_org, y_org, tile, lx0, lx1, ly0, ly1)) continue;
+        if (!footprint(mx, my, ext + g * 2, x_org, y_org, tile, lx0, lx1, ly0, ly1)) continue;
         for (int64_t d = 0; d < D; ++d) {
           col[d] = cl[g * D + d];
           s_col[d] = T(0);
         }
         T s_xx = 0, s_xy = 0, s_yy = 0, s_x = 0, s_y = 0, s_op = 0, sc0 = 0, sc1 = 0, sc2 = 0, sc3 = 0;
-        for (int ly = ly0; ly <= ly1; ++ly) {
-          const T dy = my - (T)(y_org + ly) - T(0.5);
-          const int64_t p0 = (int64_t)ly * tile;
-          T* Tr_row = Tr.data() + p0;
-          const T* va_row = va.data() + p0;
-          const int32_t* last_row = last.data() + p0;
-          if constexpr (DC > 0) {
-            // Channel rows; channels beyond DC alias channel 0 and are never touched (if constexpr).
-            T* b0 = buf.data() + p0;
-            T* b1 = buf.data() + (DC > 1 ? 1 : 0) * P + p0;
-            T* b2 = buf.data() + (DC > 2 ? 2 : 0) * P + p0;
-            T* b3 = buf.data() + (DC > 3 ? 3 : 0) * P + p0;
-            const T* v0 = vc.data() + p0;
-            const T* v1 = vc.data() + (DC > 1 ? 1 : 0) * P + p0;
-            const T* v2 = vc.data() + (DC > 2 ? 2 : 0) * P + p0;
-            const T* v3 = vc.data() + (DC > 3 ? 3 : 0) * P + p0;
-            const T c0 = col[0], c1 = col[DC > 1 ? 1 : 0], c2 = col[DC > 2 ? 2 : 0], c3 = col[DC > 3 ? 3 : 0];
+        const int64_t p0 = (int64_t)ly0 * tile, p1 = (int64_t)(ly1 + 1) * tile;  // whole rows, as forward
+        if constexpr (DC > 0) {
+          // Channel rows; channels beyond DC alias channel 0 and are never touched (if constexpr).
+          T* b0 = buf.data();
+          T* b1 = buf.data() + (DC > 1 ? 1 : 0) * P;
+          T* b2 = buf.data() + (DC > 2 ? 2 : 0) * P;
+          T* b3 = buf.data() + (DC > 3 ? 3 : 0) * P;
+          const T* v0 = vc.data();
+          const T* v1 = vc.data() + (DC > 1 ? 1 : 0) * P;
+          const T* v2 = vc.data() + (DC > 2 ? 2 : 0) * P;
+          const T* v3 = vc.data() + (DC > 3 ? 3 : 0) * P;
+          const T c0 = col[0], c1 = col[DC > 1 ? 1 : 0], c2 = col[DC > 2 ? 2 : 0], c3 = col[DC > 3 ? 3 : 0];
 #pragma omp simd reduction(+ : s_xx, s_xy, s_yy, s_x, s_y, s_op, sc0, sc1, sc2, sc3)
-            for (int lx = lx0; lx <= lx1; ++lx) {
-              const T dx = mx - (T)(x_org + lx) - T(0.5);
-              const T sigma = T(0.5) * (ca * dx * dx + cc * dy * dy) + cb * dx * dy;
-              const T vis = std::exp(-sigma);
-              const T alpha = std::min(Consts<T>::a_max, op * vis);
-              const bool use = (kl <= last_row[lx]) & (sigma >= T(0)) & (alpha >= Consts<T>::a_min);
-              const T ra = T(1) / (T(1) - alpha);
-              const T Tp = use ? Tr_row[lx] * ra : Tr_row[lx];
-              Tr_row[lx] = Tp;
-              const T fac = use ? alpha * Tp : T(0);
-              T v_a = va_row[lx] * ra;
-              v_a += (c0 * Tp - b0[lx] * ra) * v0[lx];
-              sc0 += fac * v0[lx];
-              b0[lx] += c0 * fac;
-              if constexpr (DC > 1) {
-                v_a += (c1 * Tp - b1[lx] * ra) * v1[lx];
-                sc1 += fac * v1[lx];
-                b1[lx] += c1 * fac;
-              }
-              if constexpr (DC > 2) {
-                v_a += (c2 * Tp - b2[lx] * ra) * v2[lx];
-                sc2 += fac * v2[lx];
-                b2[lx] += c2 * fac;
-              }
-              if constexpr (DC > 3) {
-                v_a += (c3 * Tp - b3[lx] * ra) * v3[lx];
-                sc3 += fac * v3[lx];
-                b3[lx] += c3 * fac;
-              }
-              const bool grad_alpha = use & (op * vis <= Consts<T>::a_max);
-              const T v_sigma = grad_alpha ? -op * vis * v_a : T(0);
+          for (int64_t p = p0; p < p1; ++p) {
+            const T dx = mx - px[p], dy = my - py[p];
+            const T sigma = T(0.5) * (ca * dx * dx + cc * dy * dy) + cb * dx * dy;
+            const T vis = std::exp(-sigma);
+            const T alpha = std::min(Consts<T>::a_max, op * vis);
+            const bool use = (kl <= last[p]) & (sigma >= T(0)) & (alpha >= Consts<T>::a_min);
+            const T ra = T(1) / (T(1) - alpha);
+            const T Tp = use ? Tr[p] * ra : Tr[p];
+            Tr[p] = Tp;
+            const T fac = use ? alpha * Tp : T(0);
+            T v_a = va[p] * ra;
+            v_a += (c0 * Tp - b0[p] * ra) * v0[p];
+            sc0 += fac * v0[p];
+            b0[p] += c0 * fac;
+            if constexpr (DC > 1) {
+              v_a += (c1 * Tp - b1[p] * ra) * v1[p];
+              sc1 += fac * v1[p];
+              b1[p] += c1 * fac;
+            }
+            if constexpr (DC > 2) {
+              v_a += (c2 * Tp - b2[p] * ra) * v2[p];
+              sc2 += fac * v2[p];
+              b2[p] += c2 * fac;
+            }
+            if constexpr (DC > 3) {
+              v_a += (c3 * Tp - b3[p] * ra) * v3[p];
+              sc3 += fac * v3[p];
+              b3[p] += c3 * fac;
+            }
+            const bool grad_alpha = use & (op * vis <= Consts<T>::a_max);
+            const T v_sigma = grad_alpha ? -op * vis * v_a : T(0);
+            s_xx += v_sigma * dx * dx;
+            s_xy += v_sigma * dx * dy;
+            s_yy += v_sigma * dy * dy;
+            s_x += v_sigma * dx;
+            s_y += v_sigma * dy;
+            s_op += grad_alpha ? vis * v_a : T(0);
+          }
+        } else {
+          for (int64_t p = p0; p < p1; ++p) {
+            const T dx = mx - px[p], dy = my - py[p];
+            const T sigma = T(0.5) * (ca * dx * dx + cc * dy * dy) + cb * dx * dy;
+            const T vis = std::exp(-sigma);
+            const T alpha = std::min(Consts<T>::a_max, op * vis);
+            const bool use = (kl <= last[p]) & (sigma >= T(0)) & (alpha >= Consts<T>::a_min);
+            if (!use) continue;
+            const T ra = T(1) / (T(1) - alpha);
+            const T Tp = Tr[p] * ra;
+            Tr[p] = Tp;
+            const T fac = alpha * Tp;
+            T v_a = va[p] * ra;
+            for (int64_t d = 0; d < D; ++d) {
+              v_a += (col[d] * Tp - buf[d * P + p] * ra) * vc[d * P + p];
+              s_col[d] += fac * vc[d * P + p];
+              buf[d * P + p] += col[d] * fac;
+            }
+            if (op * vis <= Consts<T>::a_max) {
+              const T v_sigma = -op * vis * v_a;
               s_xx += v_sigma * dx * dx;
               s_xy += v_sigma * dx * dy;
               s_yy += v_sigma * dy * dy;
               s_x += v_sigma * dx;
               s_y += v_sigma * dy;
-              s_op += grad_alpha ? vis * v_a : T(0);
-            }
-          } else {
-            for (int lx = lx0; lx <= lx1; ++lx) {
-              const int64_t p = p0 + lx;
-              const T dx = mx - (T)(x_org + lx) - T(0.5);
-              const T sigma = T(0.5) * (ca * dx * dx + cc * dy * dy) + cb * dx * dy;
-              const T vis = std::exp(-sigma);
-              const T alpha = std::min(Consts<T>::a_max, op * vis);
-              const bool use = (kl <= last_row[lx]) & (sigma >= T(0)) & (alpha >= Consts<T>::a_min);
-              if (!use) continue;
-              const T ra = T(1) / (T(1) - alpha);
-              const T Tp = Tr_row[lx] * ra;
-              Tr_row[lx] = Tp;
-              const T fac = alpha * Tp;
-              T v_a = va_row[lx] * ra;
-              for (int64_t d = 0; d < D; ++d) {
-                v_a += (col[d] * Tp - buf[d * P + p] * ra) * vc[d * P + p];
-                s_col[d] += fac * vc[d * P + p];
-                buf[d * P + p] += col[d] * fac;
-              }
-              if (op * vis <= Consts<T>::a_max) {
-                const T v_sigma = -op * vis * v_a;
-                s_xx += v_sigma * dx * dx;
-                s_xy += v_sigma * dx * dy;
-                s_yy += v_sigma * dy * dy;
-                s_x += v_sigma * dx;
-                s_y += v_sigma * dy;
-                s_op += vis * v_a;
-              }
+              s_op += vis * v_a;
             }
           }
         }
@@ -359,8 +403,10 @@ void check_inputs(const torch::Tensor& m2, const torch::Tensor& cn, const torch:
 
 std::vector<torch::Tensor> raster_forward(torch::Tensor means2d, torch::Tensor conics, torch::Tensor colors,
                                           torch::Tensor opacities, torch::Tensor backgrounds, torch::Tensor offsets,
-                                          torch::Tensor ids, int64_t width, int64_t height, int64_t tile) {
+                                          torch::Tensor ids, torch::Tensor ext, int64_t width, int64_t height,
+                                          int64_t tile) {
   check_inputs(means2d, conics, colors, opacities, backgrounds, tile);
+  TORCH_CHECK(ext.scalar_type() == torch::kFloat64 && ext.numel() == means2d.numel(), "ext must be float64 [CN, 2]");
   const int64_t C = backgrounds.size(0), D = colors.size(1);
   auto out_color = torch::empty({C, height, width, D}, colors.options());
   auto out_T = torch::empty({C, height, width}, colors.options());
@@ -368,7 +414,8 @@ std::vector<torch::Tensor> raster_forward(torch::Tensor means2d, torch::Tensor c
   AT_DISPATCH_FLOATING_TYPES(colors.scalar_type(), "raster_forward", [&] {
     DISPATCH_D(D, forward_impl, means2d.data_ptr<scalar_t>(), conics.data_ptr<scalar_t>(),
                colors.data_ptr<scalar_t>(), opacities.data_ptr<scalar_t>(), backgrounds.data_ptr<scalar_t>(),
-               offsets.data_ptr<int64_t>(), ids.data_ptr<int64_t>(), C, D, width, height, (int)tile,
+               offsets.data_ptr<int64_t>(), ids.data_ptr<int64_t>(), ext.data_ptr<double>(), C, D, width, height,
+               (int)tile,
                out_color.data_ptr<scalar_t>(), out_T.data_ptr<scalar_t>(), out_last.data_ptr<int32_t>());
   });
   return {out_color, out_T, out_last};
@@ -376,9 +423,11 @@ std::vector<torch::Tensor> raster_forward(torch::Tensor means2d, torch::Tensor c
 
 torch::Tensor raster_backward(torch::Tensor means2d, torch::Tensor conics, torch::Tensor colors,
                               torch::Tensor opacities, torch::Tensor backgrounds, torch::Tensor offsets,
-                              torch::Tensor ids, int64_t width, int64_t height, int64_t tile, torch::Tensor out_T,
-                              torch::Tensor out_last, torch::Tensor v_color, torch::Tensor v_alpha) {
+                              torch::Tensor ids, torch::Tensor ext, int64_t width, int64_t height, int64_t tile,
+                              torch::Tensor out_T, torch::Tensor out_last, torch::Tensor v_color,
+                              torch::Tensor v_alpha) {
   check_inputs(means2d, conics, colors, opacities, backgrounds, tile);
+  TORCH_CHECK(ext.scalar_type() == torch::kFloat64 && ext.numel() == means2d.numel(), "ext must be float64 [CN, 2]");
   const int64_t C = backgrounds.size(0), D = colors.size(1), N = means2d.size(0) / C;
   v_color = v_color.contiguous();
   v_alpha = v_alpha.contiguous();
@@ -387,7 +436,8 @@ torch::Tensor raster_backward(torch::Tensor means2d, torch::Tensor conics, torch
   AT_DISPATCH_FLOATING_TYPES(colors.scalar_type(), "raster_backward", [&] {
     DISPATCH_D(D, backward_impl, means2d.data_ptr<scalar_t>(), conics.data_ptr<scalar_t>(),
                colors.data_ptr<scalar_t>(), opacities.data_ptr<scalar_t>(), backgrounds.data_ptr<scalar_t>(),
-               offsets.data_ptr<int64_t>(), ids.data_ptr<int64_t>(), C, N, D, width, height, (int)tile,
+               offsets.data_ptr<int64_t>(), ids.data_ptr<int64_t>(), ext.data_ptr<double>(), C, N, D, width, height,
+               (int)tile,
                out_T.data_ptr<scalar_t>(), out_last.data_ptr<int32_t>(), v_color.data_ptr<scalar_t>(),
                v_alpha.data_ptr<scalar_t>(), grads.data_ptr<scalar_t>(), n_buf);
   });
@@ -395,7 +445,7 @@ torch::Tensor raster_backward(torch::Tensor means2d, torch::Tensor conics, torch
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("bin_gaussians", &bin_gaussians, "per-tile Gaussian lists sorted by depth");
+  m.def("bin_gaussians", &bin_gaussians, "per-tile Gaussian lists sorted by depth, and each Gaussian's alpha box");
   m.def("raster_forward", &raster_forward, "forward alpha compositing");
   m.def("raster_backward", &raster_backward, "analytic backward of raster_forward");
 }

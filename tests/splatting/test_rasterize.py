@@ -8,7 +8,7 @@ import torch
 from perception3d.errors import DataError
 from splatting._ext import cpu_ext
 from splatting._reference import bin_gaussians_torch
-from splatting.projection import project_gaussians
+from splatting.projection import maybe_visible, project_gaussians
 from splatting.rasterize import rasterize
 from splatting.sh import eval_sh, rgb_to_sh0
 
@@ -65,21 +65,31 @@ def test_sh_matches_gsplat_torch(degree):
     torch.testing.assert_close(eval_sh(0, dirs, rgb_to_sh0(rgb)[:, None]) + 0.5, rgb)
 
 
-def test_binning_cpp_equals_torch():
-    (means, quats, scales, _, _, viewmats, Ks), W, H = _scene(n=600, C=2)
+def test_binning_cpp_is_gsplat_binning_minus_empty_tiles():
+    (means, quats, scales, opacities, _, viewmats, Ks), W, H = _scene(n=600, C=2)
     p = project_gaussians(means, quats, scales, viewmats, Ks, W, H)
     tw, th = math.ceil(W / 16), math.ceil(H / 16)
-    order = torch.argsort(p.depths, dim=1, stable=True)
-    off_c, ids_c = cpu_ext().bin_gaussians(p.means2d, p.radii, order, 16, tw, th)
+    opac = opacities[None].expand(2, -1)
+    off_c, ids_c, _ = cpu_ext().bin_gaussians(p.means2d, p.conics, opac, p.radii, p.depths, 16, tw, th)
     off_t, ids_t = bin_gaussians_torch(p.means2d, p.radii, p.depths, 16, tw, th)
-    assert ids_c.numel() > 600
-    assert torch.equal(off_c, off_t) and torch.equal(ids_c, ids_t)
-    # every list is sorted by depth and holds only Gaussians of its camera
+    assert 600 < ids_c.numel() < ids_t.numel()
     depth = p.depths.reshape(-1)
+    m2, cn, op = p.means2d.reshape(-1, 2), p.conics.reshape(-1, 3), opac.reshape(-1)
+    ys, xs = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
     for t in range(2 * th * tw):
-        seg = ids_c[off_c[t]:off_c[t + 1]]
-        assert bool((depth[seg][1:] >= depth[seg][:-1]).all())
-        assert bool((seg // 600 == t // (th * tw)).all())
+        seg_c, seg_t = ids_c[off_c[t]:off_c[t + 1]], ids_t[off_t[t]:off_t[t + 1]]
+        # each list is sorted by depth, holds only Gaussians of its camera, and is a sub-list of gsplat's
+        assert bool((depth[seg_c][1:] >= depth[seg_c][:-1]).all())
+        assert bool((seg_c // 600 == t // (th * tw)).all())
+        assert torch.equal(seg_t[torch.isin(seg_t, seg_c)], seg_c)
+        # the Gaussians it drops reach alpha < 1/255 at every pixel of the tile
+        dropped = seg_t[~torch.isin(seg_t, seg_c)]
+        ty, tx = (t % (th * tw)) // tw, t % tw
+        dx = m2[dropped, 0, None, None] - (tx * 16 + xs + 0.5)
+        dy = m2[dropped, 1, None, None] - (ty * 16 + ys + 0.5)
+        a, b, c = (cn[dropped, k, None, None] for k in range(3))
+        alpha = op[dropped, None, None] * torch.exp(-(0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy))
+        assert dropped.numel() == 0 or float(alpha.max()) < 1 / 255
 
 
 def _render(args, W, H, backend, sh_degree=None, **kw):
@@ -207,3 +217,21 @@ def test_gsplat_cuda_parity():
         assert (a - b.cpu()).abs().max().item() < 1e-4
     for a, b in zip(cpu[3], gpu[3]):
         assert (a - b.cpu()).abs().max().item() < 1e-4 * max(1.0, a.abs().max().item())
+
+
+def test_culling_before_projection_is_conservative():
+    # a wide cloud: many Gaussians behind the cameras or off-image, some huge, some at the border
+    (means, quats, scales, opacities, colors, viewmats, Ks), W, H = _scene(n=3000, C=2, seed=3)
+    g = torch.Generator().manual_seed(4)
+    means = (torch.rand(3000, 3, generator=g) * 2 - 1) * torch.tensor([12.0, 9.0, 8.0])
+    scales = torch.exp(torch.randn(3000, 3, generator=g) * 1.5 - 2.5)
+    full = project_gaussians(means, quats, scales, viewmats, Ks, W, H)
+    keep = maybe_visible(means, scales, viewmats, Ks, W, H)
+    visible = (full.radii > 0).any(0)
+    assert bool((keep | ~visible).all())  # nothing visible is culled
+    assert 0.1 < float(keep.float().mean()) < 0.8  # and the test really culls
+    _, _, _, meta = rasterize(means, quats, scales, opacities, colors, viewmats, Ks, W, H, backend="cpu")
+    assert torch.equal(meta["radii"], full.radii)
+    vis = full.radii > 0
+    torch.testing.assert_close(meta["means2d"][vis], full.means2d[vis])
+    torch.testing.assert_close(meta["conics"][vis], full.conics[vis])
