@@ -1,4 +1,4 @@
-"""Pure-torch reference of the tile rasterizer: the same algorithm as the C++ kernels (`csrc/raster_cpu.cpp`), vectorised.
+"""Pure-torch reference of the tile rasterizer: the algorithm of the C++ kernels (`csrc/raster_cpu.cpp`), vectorised.
 
 Used by the tests (forward values and autograd gradients against the CPU kernel's analytic
 backward) and by ``tools/bench.py raster``. It is slow and memory-hungry by design (every pixel of a
@@ -66,7 +66,8 @@ def _composite_tiles(pix, idx, valid, means2d, conics, colors, opacities, backgr
         gi, ok_g = idx[:, g0:g0 + chunk], valid[:, g0:g0 + chunk]  # [B, K]
         d = means2d[gi][:, None, :, :] - pix[:, :, None, :]  # [B, P, K, 2]
         con = conics[gi][:, None]  # [B, 1, K, 3]
-        sigma = 0.5 * (con[..., 0] * d[..., 0] ** 2 + con[..., 2] * d[..., 1] ** 2) + con[..., 1] * d[..., 0] * d[..., 1]
+        dx, dy = d[..., 0], d[..., 1]
+        sigma = 0.5 * (con[..., 0] * dx**2 + con[..., 2] * dy**2) + con[..., 1] * dx * dy
         alpha = torch.clamp_max(opacities[gi][:, None, :] * torch.exp(-sigma), ALPHA_MAX)
         hit = ok_g[:, None, :] & (sigma >= 0) & (alpha >= ALPHA_MIN)
         alpha = torch.where(hit, alpha, torch.zeros_like(alpha))
@@ -82,7 +83,8 @@ def _composite_tiles(pix, idx, valid, means2d, conics, colors, opacities, backgr
 
 def composite_reference(means2d: torch.Tensor, conics: torch.Tensor, colors: torch.Tensor, opacities: torch.Tensor,
                         backgrounds: torch.Tensor, offsets: torch.Tensor, ids: torch.Tensor, width: int, height: int,
-                        tile: int = 16, tiles_per_batch: int = 16, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+                        tile: int = 16, tiles_per_batch: int = 16,
+                        chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Front-to-back compositing of every tile, vectorised over pixels and Gaussians.
 
     Args:

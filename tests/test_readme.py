@@ -16,3 +16,5 @@ def test_readme_tour_runs(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "voxels ->" in out
     assert (tmp_path / "data_cache" / "tour" / "training" / "velodyne" / "000000.bin").is_file()
+    assert "Gaussians, PSNR" in out
+    assert (tmp_path / "data_cache" / "tour_views" / "trained.ply").is_file()

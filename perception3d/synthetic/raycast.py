@@ -41,6 +41,41 @@ class RayHits:
     obj_total: np.ndarray
 
 
+@numba.njit(cache=True, inline="always")
+def slab_intersect(o0, o1, o2, d0, d1, d2, h0, h1, h2):  # pragma: no cover - numba
+    """Ray ``o + t d`` against the box ``|x_k| <= h_k`` (its own frame), by the slab method.
+
+    Returns ``(tmin, tmax, axis, sign)``: the entry and exit parameters, the axis of the entry face
+    and its outward normal's sign along that axis; ``tmin > tmax`` when the ray misses (or runs
+    parallel to a slab outside it).
+    """
+    tmin, tmax, axis, sign = -np.inf, np.inf, -1, 0.0
+    for k in range(3):
+        if k == 0:
+            o_, d_, h = o0, d0, h0
+        elif k == 1:
+            o_, d_, h = o1, d1, h1
+        else:
+            o_, d_, h = o2, d2, h2
+        if -_EPS < d_ < _EPS:
+            if o_ < -h or o_ > h:
+                return np.inf, -np.inf, -1, 0.0
+            continue
+        t1 = (-h - o_) / d_
+        t2 = (h - o_) / d_
+        sg = -1.0
+        if t1 > t2:
+            t1, t2 = t2, t1
+            sg = 1.0
+        if t1 > tmin:
+            tmin, axis, sign = t1, k, sg
+        if t2 < tmax:
+            tmax = t2
+        if tmin > tmax:
+            break
+    return tmin, tmax, axis, sign
+
+
 @numba.njit(cache=True)
 def _raycast_nb(origins, dirs, centre, half, cos_y, sin_y, radius, box_obj, n_obj, plane, max_t):  # pragma: no cover
     n_rays = dirs.shape[0]
@@ -87,40 +122,8 @@ def _raycast_nb(origins, dirs, centre, half, cos_y, sin_y, radius, box_obj, n_ob
             ldx = c * dx + s * dy
             ldy = -s * dx + c * dy
             ldz = dz
-            tmin = -np.inf
-            tmax = np.inf
-            axis = -1
-            sign = 0.0
-            ok = True
-            for k in range(3):
-                if k == 0:
-                    o_, d_ = lox, ldx
-                elif k == 1:
-                    o_, d_ = loy, ldy
-                else:
-                    o_, d_ = loz, ldz
-                h = half[b, k]
-                if -_EPS < d_ < _EPS:
-                    if o_ < -h or o_ > h:
-                        ok = False
-                        break
-                    continue
-                t1 = (-h - o_) / d_
-                t2 = (h - o_) / d_
-                sg = -1.0
-                if t1 > t2:
-                    t1, t2 = t2, t1
-                    sg = 1.0
-                if t1 > tmin:
-                    tmin = t1
-                    axis = k
-                    sign = sg
-                if t2 < tmax:
-                    tmax = t2
-                if tmin > tmax:
-                    ok = False
-                    break
-            if not ok or tmax < 0.0 or tmin <= 0.0:
+            tmin, tmax, axis, sign = slab_intersect(lox, loy, loz, ldx, ldy, ldz, half[b, 0], half[b, 1], half[b, 2])
+            if tmin > tmax or tmax < 0.0 or tmin <= 0.0:
                 continue
             ob = box_obj[b]
             if ob >= 0 and ob != last_obj and tmin < max_t:

@@ -6,16 +6,19 @@
 //    opacity and conic: tighter than gsplat's 3-sigma square, same pixels composited); then a
 //    counting sort of Gaussians into the tiles their box touches (visited in depth order, so each
 //    tile's list comes out sorted by depth).
-//  * raster_forward: tiles are spread over torch's thread pool (at::parallel_for). A tile walks
-//    its list once; each Gaussian updates only the pixels of its footprint box (outside it,
-//    alpha < 1/255 is guaranteed), row by row in branch-free loops that the compiler vectorises
-//    (including exp, through glibc's vector maths). Per pixel:
+//  * raster_forward: a tile walks its list once; each Gaussian updates the tile rows its footprint
+//    box covers (outside the box alpha < 1/255 is guaranteed, so whole rows are safe) in one
+//    branch-free loop that the compiler vectorises (exp included, through glibc's vector maths)
+//    with a single reduction per Gaussian and tile. Per pixel:
 //        sigma = 0.5 (a dx^2 + c dy^2) + b dx dy,   d = mean2d - (pixel + 0.5)
 //        alpha = min(0.999, opacity exp(-sigma)), skipped if sigma < 0 or alpha < 1/255,
 //    and the pixel stops before the Gaussian that would bring its transmittance to <= 1e-4.
 //  * raster_backward: the same walk back to front from each pixel's last Gaussian, recovering
 //    the transmittance in front of each Gaussian by division (as gsplat does). Gradients of
-//    Gaussians shared by tiles on different threads go to per-thread buffers summed at the end.
+//    Gaussians shared by tiles of different threads go to per-thread buffers summed at the end.
+//  * Both split the tiles statically over torch's threads (at::parallel_for), so the same thread
+//    count gives bitwise the same results. (A split balanced by estimated tile cost was measured
+//    no faster, within 1%, on the fox views, and was dropped.)
 // Templated on the float type (float for speed, double for gradcheck) and on the channel count.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -145,7 +148,8 @@ namespace {
 // DC > 0: compile-time channel count; DC == 0: runtime D.
 template <typename T, int DC>
 void forward_impl(const T* m2, const T* cn, const T* cl, const T* opa, const T* bg, const int64_t* off,
-                  const int64_t* ids, const double* ext, int64_t C, int64_t D_rt, int64_t width, int64_t height, int tile, T* out_color,
+                  const int64_t* ids, const double* ext, int64_t C, int64_t D_rt, int64_t width, int64_t height,
+                  int tile, T* out_color,
                   T* out_T, int32_t* out_last) {
   const int64_t D = DC > 0 ? DC : D_rt;
   const int64_t tw = (width + tile - 1) / tile, th = (height + tile - 1) / tile, P = (int64_t)tile * tile;
@@ -232,7 +236,8 @@ void forward_impl(const T* m2, const T* cn, const T* cl, const T* opa, const T* 
 
 template <typename T, int DC>
 void backward_impl(const T* m2, const T* cn, const T* cl, const T* opa, const T* bg, const int64_t* off,
-                   const int64_t* ids, const double* ext, int64_t C, int64_t N, int64_t D_rt, int64_t width, int64_t height, int tile,
+                   const int64_t* ids, const double* ext, int64_t C, int64_t N, int64_t D_rt, int64_t width,
+                   int64_t height, int tile,
                    const T* out_T, const int32_t* out_last, const T* v_color, const T* v_alpha, T* grads,
                    int64_t n_buf) {
   const int64_t D = DC > 0 ? DC : D_rt;

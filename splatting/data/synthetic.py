@@ -39,6 +39,7 @@ import numba
 import numpy as np
 
 from perception3d.errors import DataError
+from perception3d.synthetic.raycast import slab_intersect
 from splatting.data.colmap import write_colmap_text
 from splatting.data.scene import CameraFrame
 from splatting.data.transforms_json import write_transforms_json
@@ -291,40 +292,8 @@ def _trace(ox, oy, oz, dx, dy, dz, objs):  # pragma: no cover - numba
             ld0 = cs * dx + sn * dy
             ld1 = -sn * dx + cs * dy
             ld2 = dz
-            tmin = -np.inf
-            tmax = np.inf
-            axis = -1
-            sign = 0.0
-            ok = True
-            for k in range(3):
-                if k == 0:
-                    o_, d_ = lo0, ld0
-                elif k == 1:
-                    o_, d_ = lo1, ld1
-                else:
-                    o_, d_ = lo2, ld2
-                h = objs[i, 4 + k]
-                if -1e-12 < d_ < 1e-12:
-                    if o_ < -h or o_ > h:
-                        ok = False
-                        break
-                    continue
-                t1 = (-h - o_) / d_
-                t2 = (h - o_) / d_
-                sg = -1.0
-                if t1 > t2:
-                    t1, t2 = t2, t1
-                    sg = 1.0
-                if t1 > tmin:
-                    tmin = t1
-                    axis = k
-                    sign = sg
-                if t2 < tmax:
-                    tmax = t2
-                if tmin > tmax:
-                    ok = False
-                    break
-            if not ok or tmin <= 1e-9 or tmin >= best:
+            tmin, tmax, axis, sign = slab_intersect(lo0, lo1, lo2, ld0, ld1, ld2, objs[i, 4], objs[i, 5], objs[i, 6])
+            if tmin > tmax or tmin <= 1e-9 or tmin >= best:
                 continue
             best = tmin
             best_i = i

@@ -57,7 +57,8 @@ def load_scene() -> tuple[Gaussians, torch.Tensor, torch.Tensor, int, int, str]:
     n = len(gs)
     quats = torch.nn.functional.normalize(torch.randn(n, 4, generator=g), dim=1)
     scales_log = gs.scales_log + 0.3 * torch.randn(n, 3, generator=g)
-    gs = Gaussians(gs.means, quats, scales_log, gs.opacities_logit, gs.sh0, 0.05 * torch.randn(gs.shN.shape, generator=g))
+    shN = 0.05 * torch.randn(gs.shN.shape, generator=g)
+    gs = Gaussians(gs.means, quats, scales_log, gs.opacities_logit, gs.sh0, shN)
     return gs, viewmats, Ks, W, H, source
 
 
