@@ -141,8 +141,8 @@ def ssim_loss(img: torch.Tensor, ref: torch.Tensor, window_size: int = 11) -> to
 
     The same quantity as `1 - ssim(img, ref, padding="valid")` (tested against it) computed for
     the training loop's sake with the Gaussian window applied as two 1-D passes over the five
-    stacked moment images in one depthwise convolution each: about 3x faster than the 2-D window,
-    forward and backward, on a 270 x 480 image.
+    stacked moment images in one depthwise convolution each: forward + backward on a 270 x 480
+    image measured 35 ms against 45 ms for kornia's 2-D window.
 
     Args: `img`, `ref` as :func:`ssim` (images in [0, 1]).
 

@@ -165,13 +165,13 @@ def _lpips(cfg: SplatConfig, device: torch.device) -> LPIPS | None:
     return default_lpips(device)
 
 
-def _save_checkpoint(ckpts: CheckpointManager, step: int, params, optimizers, scheduler, strategy_state,
-                     cfg: SplatConfig) -> Path:
+def _save_checkpoint(ckpts: CheckpointManager, step: int, ts: "TrainState", cfg: SplatConfig) -> Path:
     state = {
-        "model": {k: v.detach().cpu() for k, v in params.items()},
-        "optimizer": {k: o.state_dict() for k, o in optimizers.items()},
-        "scheduler": scheduler.state_dict(),
-        "strategy": {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in strategy_state.items()},
+        "model": {k: v.detach().cpu() for k, v in ts.params.items()},
+        "optimizer": {k: o.state_dict() for k, o in ts.optimizers.items()},
+        "scheduler": ts.scheduler.state_dict(),
+        "strategy": {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v)
+                     for k, v in ts.strategy_state.items()},
         "step": step,
         "rng": [get_rng_state()],
         "config": config_to_dict(cfg),
@@ -302,8 +302,7 @@ def train(cfg: SplatConfig, out_dir: str | Path, resume: bool = False) -> dict:
                                          out_dir / "renders" / f"step_{done:08d}", lpips, ts.device)
                 logger.log(done, metrics, split="eval")
             if (cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0) or done == T:
-                last_ckpt = _save_checkpoint(ckpts, done, ts.params, ts.optimizers, ts.scheduler, ts.strategy_state,
-                                             cfg)
+                last_ckpt = _save_checkpoint(ckpts, done, ts, cfg)
     finally:
         logger.close()
     gaussians = Gaussians.from_params(ts.params)
