@@ -6,7 +6,8 @@ Data flow (all on the points' device):
 voxel) -> ``SparseVoxels(feats [V, 4], coords [V, 4] (b, z, y, x))`` -> ``SparseBackbone3D``
 (SECOND sparse 3D convs, 8x down, height folded into channels) -> dense BEV ``[B, C, Y/8, X/8]``
 -> ``BEVBackbone`` (2D convs) -> ``CenterHead`` -> training: losses; eval: one
-``Detections3D`` per frame.
+``Detections3D`` per frame. With ``backbone: dsvt`` the first three steps are dynamic voxelization,
+``PillarVFE`` and the DSVT transformer (``detection.models.dsvt``); the rest is the same.
 
 The defaults are chosen to train on a 2-core CPU: voxels of 0.1 m on the KITTI front range
 (70.4 x 80 x 4 m: a 40 x 800 x 704 grid; 40 z voxels collapse to one BEV slice), a 100 x 88 BEV
@@ -25,8 +26,9 @@ from torch import nn
 from detection.models.backbone3d import SparseBackbone3D
 from detection.models.bev_backbone import BEVBackbone
 from detection.models.center_head import CenterHead, CenterHeadOptions
+from detection.models.dsvt import DSVTBackbone, DSVTOptions
 from detection.structures import DetectionBatch
-from perception3d.ops.voxelize import MeanVFE, grid_shape, voxelize_hard
+from perception3d.ops.voxelize import MeanVFE, PillarVFE, grid_shape, voxelize_dynamic, voxelize_hard
 from perception3d.sparse import SparseVoxels
 from perception3d.structures import CLASSES, Detections3D
 
@@ -45,7 +47,14 @@ class ModelConfig:
         max_points_per_voxel: points kept per voxel by hard voxelization.
         max_voxels_train: voxels kept per frame in training mode.
         max_voxels_test: voxels kept per frame in eval mode.
-        vfe: voxel feature encoder; ``"mean"``: the mean of the voxel's points.
+        vfe: voxel feature encoder of the ``second`` backbone; ``"mean"``: the mean of the voxel's
+            points. The ``dsvt`` backbone always encodes dynamic voxels with a
+            :class:`~perception3d.ops.voxelize.PillarVFE` of width ``dsvt.d_model``.
+        backbone: ``"second"``: the SECOND sparse-conv backbone on hard voxels (fields
+            ``backbone3d_*``); ``"dsvt"``: the DSVT transformer (:mod:`detection.models.dsvt`) on
+            dynamic voxels, the voxel grid being its pillar (``Z = 1``) or voxel grid, at BEV
+            stride 1.
+        dsvt: :class:`~detection.models.dsvt.DSVTOptions` of the ``dsvt`` backbone.
         backbone3d_channels: channels of the four stages of the sparse 3D backbone.
         backbone3d_out_channels: channels of the backbone's last (z-collapsing) conv; the BEV map
             has ``backbone3d_out_channels * Z'`` channels (``Z' = 1`` for 40 z voxels, 2 for 41).
@@ -64,6 +73,8 @@ class ModelConfig:
     max_voxels_train: int = 40000
     max_voxels_test: int = 40000
     vfe: Literal["mean"] = "mean"
+    backbone: Literal["second", "dsvt"] = "second"
+    dsvt: DSVTOptions = field(default_factory=DSVTOptions)
     backbone3d_channels: tuple[int, int, int, int] = (16, 32, 64, 64)
     backbone3d_out_channels: int = 128
     backbone3d_stride: Literal[4, 8] = 8
@@ -101,7 +112,8 @@ class ModelConfig:
         for ls, us in zip(self.bev_layer_strides, self.bev_upsample_strides):
             cum *= ls
             factors.append(cum / us if us >= 1 else cum * round(1 / us))
-        return int(round(self.backbone3d_stride * factors[0]))
+        stride3d = self.backbone3d_stride if self.backbone == "second" else 1
+        return int(round(stride3d * factors[0]))
 
     @property
     def bev_cell_m(self) -> tuple[float, float]:
@@ -110,7 +122,7 @@ class ModelConfig:
 
 
 class CenterPointDetector(nn.Module):
-    """SECOND sparse backbone + CenterPoint head (see the module docstring for the data flow).
+    """SECOND (or DSVT) backbone + CenterPoint head (see the module docstring for the data flow).
 
     Args:
         cfg: :class:`ModelConfig`.
@@ -123,10 +135,15 @@ class CenterPointDetector(nn.Module):
     def __init__(self, cfg: ModelConfig = ModelConfig()) -> None:
         super().__init__()
         self.cfg = cfg
-        self.vfe = MeanVFE()
-        self.backbone3d = SparseBackbone3D(
-            cfg.num_point_features, cfg.grid_size, channels=cfg.backbone3d_channels,
-            out_channels=cfg.backbone3d_out_channels, bev_stride=cfg.backbone3d_stride)
+        if cfg.backbone == "second":
+            self.vfe = MeanVFE()
+            self.backbone3d = SparseBackbone3D(
+                cfg.num_point_features, cfg.grid_size, channels=cfg.backbone3d_channels,
+                out_channels=cfg.backbone3d_out_channels, bev_stride=cfg.backbone3d_stride)
+        else:
+            d = cfg.dsvt.d_model
+            self.vfe = PillarVFE(cfg.num_point_features, d, cfg.voxel_size_m, cfg.pc_range_m)
+            self.backbone3d = DSVTBackbone(d, cfg.grid_size, cfg.dsvt)
         self.bev_backbone = BEVBackbone(
             self.backbone3d.bev_shape[0], cfg.bev_layer_nums, cfg.bev_layer_strides, cfg.bev_num_filters,
             cfg.bev_upsample_strides, cfg.bev_num_upsample_filters)
@@ -137,17 +154,20 @@ class CenterPointDetector(nn.Module):
                 m.momentum = cfg.bn_momentum
 
     def voxelize(self, batch: DetectionBatch) -> SparseVoxels:
-        """Hard-voxelizes every frame and encodes each voxel with the VFE.
+        """Voxelizes every frame and encodes each voxel with the VFE: hard voxels and the mean
+        VFE for the ``second`` backbone, dynamic voxels and the pillar VFE for ``dsvt``.
 
         Returns:
-            :class:`SparseVoxels` with ``feats [V, num_point_features]``, ``coords [V, 4] (b, z, y, x)``.
+            :class:`SparseVoxels` with ``feats [V, C]``, ``coords [V, 4] (b, z, y, x)``.
         """
         cfg = self.cfg
-        max_voxels = cfg.max_voxels_train if self.training else cfg.max_voxels_test
         pts = batch.points[:, : cfg.num_point_features]
         if pts.shape[1] < cfg.num_point_features:
             raise ValueError(f"CenterPointDetector: points have {pts.shape[1]} columns, the model expects "
                              f"{cfg.num_point_features} (x, y, z, intensity)")
+        if cfg.backbone == "dsvt":
+            return self._voxelize_dynamic(batch, pts)
+        max_voxels = cfg.max_voxels_train if self.training else cfg.max_voxels_test
         voxels, coords, counts = [], [], []
         for b in range(batch.batch_size):
             v, c, n = voxelize_hard(pts[batch.point_offsets[b]:batch.point_offsets[b + 1]], cfg.voxel_size_m,
@@ -157,6 +177,19 @@ class CenterPointDetector(nn.Module):
             counts.append(n)
         feats = self.vfe(torch.cat(voxels), torch.cat(counts))
         return SparseVoxels(feats, torch.cat(coords).to(torch.int32), cfg.grid_size, batch.batch_size)
+
+    def _voxelize_dynamic(self, batch: DetectionBatch, pts: torch.Tensor) -> SparseVoxels:
+        cfg = self.cfg
+        p2v, coords, offset = [], [], 0
+        for b in range(batch.batch_size):
+            v, c = voxelize_dynamic(pts[batch.point_offsets[b]:batch.point_offsets[b + 1]], cfg.voxel_size_m,
+                                    cfg.pc_range_m)
+            p2v.append(torch.where(v >= 0, v + offset, v))
+            coords.append(torch.cat([torch.full_like(c[:, :1], b), c], dim=1))
+            offset += c.shape[0]
+        coords = torch.cat(coords)
+        feats = self.vfe(pts, torch.cat(p2v), coords[:, 1:])
+        return SparseVoxels(feats, coords.to(torch.int32), cfg.grid_size, batch.batch_size)
 
     def forward(self, batch: DetectionBatch) -> Union[dict[str, torch.Tensor], list[Detections3D]]:
         """Training: loss dict; eval: one :class:`Detections3D` per frame (see the class docstring)."""

@@ -6,6 +6,7 @@ import torch
 
 from detection.models.center_head import CenterHeadOptions
 from detection.models.detector import CenterPointDetector, ModelConfig
+from detection.models.dsvt import DSVTOptions
 from detection.structures import collate
 from perception3d.structures import Detections3D
 
@@ -116,9 +117,17 @@ def test_forward_shapes_train_and_eval():
     assert all(isinstance(d, Detections3D) and len(d) <= cfg.head.max_detections for d in dets)
 
 
-def _overfit(steps: int, n_frames: int):
+def _tiny_dsvt_cfg() -> ModelConfig:
+    """DSVT on 0.4 m pillars (64 x 64 x 1), head at BEV stride 2 (0.8 m cells)."""
+    return _tiny_cfg(backbone="dsvt", voxel_size_m=(0.4, 0.4, 4.0), bev_layer_strides=(2, 2),
+                     bev_upsample_strides=(1, 2),
+                     dsvt=DSVTOptions(d_model=32, num_heads=4, ffn_dim=64, set_size=16, window_shape=(8, 8, 1),
+                                      shifted_window_shape=(12, 12, 1), stage_blocks=(2,)))
+
+
+def _overfit(steps: int, n_frames: int, cfg: ModelConfig | None = None):
     torch.manual_seed(0)
-    cfg = _tiny_cfg()
+    cfg = cfg or _tiny_cfg()
     model = CenterPointDetector(cfg)
     frames = [_synthetic_frame(s, *_scene(s), n_ground=2000, n_per_box=400, frame_id=str(s))
               for s in range(n_frames)]
@@ -152,6 +161,15 @@ def _check_recovered(dets, batch, max_centre_err_m: float):
 
 def test_overfit_one_frame_quick():
     history, dets, batch = _overfit(steps=80, n_frames=1)
+    first, last = history[0], min(history[-5:])
+    assert last < first / 10, f"loss {first:.3f} -> {last:.3f}"
+    _check_recovered(dets, batch, 0.5)
+
+
+def test_dsvt_detector_overfits_one_frame():
+    cfg = _tiny_dsvt_cfg()
+    assert cfg.grid_size == (1, 64, 64) and cfg.bev_stride == 2 and cfg.bev_cell_m == pytest.approx((0.8, 0.8))
+    history, dets, batch = _overfit(steps=80, n_frames=1, cfg=cfg)
     first, last = history[0], min(history[-5:])
     assert last < first / 10, f"loss {first:.3f} -> {last:.3f}"
     _check_recovered(dets, batch, 0.5)
