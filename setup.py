@@ -34,6 +34,8 @@ setup(
     extras_require={
         "viewer": ["open3d-cpu==0.20.0"],
         "nerfstudio": ["nerfstudio==1.1.5"],
-        "test": ["pytest>=8", "open3d-cpu==0.20.0", "scikit-image>=0.22"],
+        # ONNX export of the DSVT backbone and running it with onnxruntime
+        "deploy": ["onnx>=1.16", "onnxruntime>=1.18"],
+        "test": ["pytest>=8", "open3d-cpu==0.20.0", "scikit-image>=0.22", "onnx>=1.16", "onnxruntime>=1.18"],
     },
 )

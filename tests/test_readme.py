@@ -18,3 +18,5 @@ def test_readme_tour_runs(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "data_cache" / "tour" / "training" / "velodyne" / "000000.bin").is_file()
     assert "Gaussians, PSNR" in out
     assert (tmp_path / "data_cache" / "tour_views" / "trained.ply").is_file()
+    err = float(re.search(r"DSVT onnxruntime vs torch: (\S+)", out).group(1))
+    assert err <= 1e-4
