@@ -30,6 +30,8 @@ setup(
         "gsplat==1.4.0",
         "kornia>=0.7",
         "ninja>=1.11",
+        # Compact 3DGS: canonical Huffman coding of the vector-quantization indices
+        "bitarray>=2.9",
     ],
     extras_require={
         "viewer": ["open3d-cpu==0.20.0"],
