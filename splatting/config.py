@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from splatting.compact.model import CompactOptions
+
 __all__ = ["SyntheticViewsConfig", "SplatDataConfig", "SplatModelConfig", "SplatOptimConfig", "StrategyConfig",
            "SplatTrainConfig", "SplatEvalConfig", "SplatConfig"]
 
@@ -175,3 +177,5 @@ class SplatConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     train: SplatTrainConfig = field(default_factory=SplatTrainConfig)
     eval: SplatEvalConfig = field(default_factory=SplatEvalConfig)
+    # Compact 3DGS (masks, hash-grid colour, R-VQ; splatting/compact/) instead of SH colour when set
+    compact: Optional[CompactOptions] = None

@@ -15,6 +15,14 @@ reproduces the uninterrupted run.
 
 Outputs in the run folder: ``ckpt/``, ``tb/``, ``log.jsonl``, ``renders/step_XXXXXXXX/*.png``
 (render | ground truth), ``point_cloud.ply`` (standard 3DGS .ply) and ``metrics.json``.
+
+With a ``compact`` config section the same loop trains Compact 3DGS (``splatting/compact/``):
+the per-Gaussian groups are ``means, scales, quats, opacities, mask`` (no SH; densification
+handles the mask like any other attribute), a second Adam trains the colour field and the R-VQ
+codebooks, the loss adds ``mask_lambda * mean(sigmoid(mask))`` and (in the R-VQ phase)
+``vq_lambda * VQ loss``, masked Gaussians are removed at every densification step and every
+``prune_every`` steps after it, and the run writes ``compact.cgs`` (post-processed) and
+``compact_plain.cgs`` instead of the .ply.
 """
 from __future__ import annotations
 
@@ -32,6 +40,7 @@ from perception3d.engine.data import derive_seed, get_rng_state, seed_everything
 from perception3d.engine.logger import RunLogger
 from perception3d.errors import ConfigError, DataError
 from perception3d.io.atomic import atomic_path, atomic_write_text
+from splatting.compact.model import CompactGaussians, CompactModel
 from splatting.config import SplatConfig, SplatDataConfig
 from splatting.data import SplatDataset, load_scene
 from splatting.gaussians import Gaussians, render_raw
@@ -40,6 +49,11 @@ from splatting.metrics import LPIPS, default_lpips, psnr, ssim, ssim_loss
 __all__ = ["prepare_scene", "TrainState", "build", "train_step", "train", "evaluate", "evaluate_views"]
 
 _GROUPS = ("means", "scales", "quats", "opacities", "sh0", "shN")
+_COMPACT_GROUPS = ("means", "scales", "quats", "opacities", "mask")
+
+
+def _groups(cfg: SplatConfig) -> tuple[str, ...]:
+    return _COMPACT_GROUPS if cfg.compact else _GROUPS
 
 
 def prepare_scene(cfg: SplatDataConfig) -> Path:
@@ -89,11 +103,12 @@ def _initial_gaussians(cfg: SplatConfig, train_set: SplatDataset, scene_scale: f
 def _optimizers(cfg: SplatConfig, params: torch.nn.ParameterDict, scene_scale: float) -> dict:
     o = cfg.optim
     lrs = {"means": o.means_lr * scene_scale, "scales": o.scales_lr, "quats": o.quats_lr,
-           "opacities": o.opacities_lr, "sh0": o.sh0_lr, "shN": o.shN_lr}
+           "opacities": o.opacities_lr, "sh0": o.sh0_lr, "shN": o.shN_lr,
+           "mask": cfg.compact.mask_lr if cfg.compact else 0.0}
     # one Adam per group: the layout gsplat's strategies update when Gaussians are added or removed
     # fused: one kernel per step instead of a dozen elementwise ops (measured 44 -> 5 ms at 100k Gaussians)
     return {k: torch.optim.Adam([{"params": params[k], "lr": lrs[k], "name": k}], eps=1e-15, fused=True)
-            for k in _GROUPS}
+            for k in _groups(cfg)}
 
 
 def _strategy(cfg: SplatConfig):
@@ -172,6 +187,8 @@ def _save_checkpoint(ckpts: CheckpointManager, step: int, ts: "TrainState", cfg:
         "scheduler": ts.scheduler.state_dict(),
         "strategy": {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v)
                      for k, v in ts.strategy_state.items()},
+        **({} if ts.compact is None else {"compact": ts.compact.state_dict(),
+                                          "compact_optimizer": ts.compact_optimizer.state_dict()}),
         "step": step,
         "rng": [get_rng_state()],
         "config": config_to_dict(cfg),
@@ -180,10 +197,16 @@ def _save_checkpoint(ckpts: CheckpointManager, step: int, ts: "TrainState", cfg:
     return ckpts.save(step, state)
 
 
-def _gaussians_from_checkpoint(state: dict, path) -> Gaussians:
+def _gaussians_from_checkpoint(state: dict, path, cfg: SplatConfig):
     try:
         m = state["model"]
-        return Gaussians(m["means"], m["quats"], m["scales"], m["opacities"], m["sh0"], m["shN"])
+        if "compact" not in state:
+            return Gaussians(m["means"], m["quats"], m["scales"], m["opacities"], m["sh0"], m["shN"])
+        if cfg.compact is None:
+            raise DataError(f"{path}: a Compact 3DGS checkpoint, but the config has no compact section")
+        model = CompactModel(cfg.compact, torch.zeros(3), 1.0)
+        model.load_state_dict(state["compact"])
+        return CompactGaussians.from_training(m, model)
     except KeyError as e:
         raise DataError(f"{path}: not a splatting checkpoint (missing parameter {e})") from None
 
@@ -201,6 +224,19 @@ class TrainState:
     strategy_state: dict
     background: torch.Tensor
     device: torch.device
+    compact: CompactModel | None = None  # Compact 3DGS: colour field and quantizers
+    compact_optimizer: torch.optim.Optimizer | None = None
+
+
+def _compact_optimizer(cfg: SplatConfig, model: CompactModel) -> torch.optim.Optimizer:
+    c = cfg.compact
+    return torch.optim.Adam([{"params": model.field.parameters(), "lr": c.field_lr},
+                             {"params": [model.vq_scale.codebooks, model.vq_rot.codebooks], "lr": c.vq_lr}], eps=1e-15)
+
+
+def snapshot(ts: TrainState):
+    """The current Gaussians, for rendering: ``Gaussians`` or ``CompactGaussians``."""
+    return Gaussians.from_params(ts.params) if ts.compact is None else CompactGaussians.from_training(ts.params, ts.compact)
 
 
 def build(cfg: SplatConfig) -> TrainState:
@@ -210,12 +246,19 @@ def build(cfg: SplatConfig) -> TrainState:
     train_set, test_set = _datasets(cfg)
     scene_scale = train_set.scene_scale()
     params = _initial_gaussians(cfg, train_set, scene_scale).to_params(device)
+    compact = None
+    if cfg.compact:
+        del params["sh0"], params["shN"]
+        params["mask"] = torch.nn.Parameter(torch.full((len(params["means"]),), cfg.compact.mask_init, device=device))
+        centre = torch.from_numpy(np.stack([f.camtoworld[:3, 3] for f in train_set.frames]).mean(0))
+        compact = CompactModel(cfg.compact, centre, scene_scale).to(device)
     optimizers = _optimizers(cfg, params, scene_scale)
     strategy = _strategy(cfg)
     strategy.check_sanity(params, optimizers)
     bg = torch.tensor(cfg.data.background, dtype=torch.float32, device=device)[None]
     return TrainState(train_set, test_set, params, optimizers, _scheduler(cfg, optimizers),
-                      strategy, strategy.initialize_state(scene_scale=scene_scale), bg, device)
+                      strategy, strategy.initialize_state(scene_scale=scene_scale), bg, device, compact,
+                      None if compact is None else _compact_optimizer(cfg, compact))
 
 
 def _scheduler(cfg: SplatConfig, optimizers: dict) -> torch.optim.lr_scheduler.ExponentialLR:
@@ -225,11 +268,14 @@ def _scheduler(cfg: SplatConfig, optimizers: dict) -> torch.optim.lr_scheduler.E
 
 def _restore(cfg: SplatConfig, ts: TrainState, ck: dict) -> int:
     """Load a checkpoint's parameters, optimiser / schedule / strategy / RNG states; its step."""
-    for k in _GROUPS:
+    for k in _groups(cfg):
         ts.params[k] = torch.nn.Parameter(ck["model"][k].to(ts.device))
     ts.optimizers = _optimizers(cfg, ts.params, ts.train_set.scene_scale())
-    for k in _GROUPS:
+    for k in _groups(cfg):
         ts.optimizers[k].load_state_dict(ck["optimizer"][k])
+    if ts.compact is not None:
+        ts.compact.load_state_dict(ck["compact"])
+        ts.compact_optimizer.load_state_dict(ck["compact_optimizer"])
     ts.scheduler = _scheduler(cfg, ts.optimizers)
     ts.scheduler.load_state_dict(ck["scheduler"])
     ts.strategy_state = {k: (v.to(ts.device) if isinstance(v, torch.Tensor) else v) for k, v in ck["strategy"].items()}
@@ -247,10 +293,19 @@ def train_step(cfg: SplatConfig, ts: TrainState, step: int) -> dict[str, torch.T
     """One optimisation step (render, loss, backward, Adam, schedule, densification); its losses."""
     image, viewmat, K, W, H, _ = _view(ts.train_set, view_index(cfg, step, len(ts.train_set)), ts.device)
     p = ts.params
-    sh_degree = min(step // cfg.model.sh_degree_interval, cfg.model.sh_degree)
-    rgb, _, _, meta = render_raw(p["means"], p["quats"], p["scales"], p["opacities"], p["sh0"], p["shN"], viewmat, K,
-                                 W, H, sh_degree, backgrounds=ts.background, rasterize_mode=cfg.model.rasterize_mode,
-                                 near_plane=cfg.model.near_plane, far_plane=cfg.model.far_plane)
+    kw = dict(backgrounds=ts.background, rasterize_mode=cfg.model.rasterize_mode, near_plane=cfg.model.near_plane,
+              far_plane=cfg.model.far_plane)
+    extra, terms = 0.0, {}
+    if ts.compact is None:
+        sh_degree = min(step // cfg.model.sh_degree_interval, cfg.model.sh_degree)
+        rgb, _, _, meta = render_raw(p["means"], p["quats"], p["scales"], p["opacities"], p["sh0"], p["shN"], viewmat,
+                                     K, W, H, sh_degree, **kw)
+    else:
+        c, sh_degree = cfg.compact, None
+        if not ts.compact.vq_active and step >= int(c.vq_start_fraction * cfg.train.max_steps):
+            ts.compact.start_vq(p)
+        rgb, _, _, meta, terms = ts.compact.render(p, viewmat, K, W, H, **kw)
+        extra = c.mask_lambda * terms["mask"] + c.vq_lambda * terms["vq"]
     # The strategy counts iterations from 1, as the 3DGS paper's code does: gsplat's DefaultStrategy
     # resets opacities whenever `step % reset_every == 0`, which at a 0-based step 0 would set every
     # opacity to 0.01 before the first update (measured on a small synthetic scene: 17 -> 6.5 dB PSNR after 10 steps).
@@ -258,14 +313,29 @@ def train_step(cfg: SplatConfig, ts: TrainState, step: int) -> dict[str, torch.T
     ts.strategy.step_pre_backward(p, ts.optimizers, ts.strategy_state, it, meta)
     l1 = (rgb[0] - image).abs().mean()
     d_ssim = ssim_loss(rgb[0], image)
-    loss = (1 - cfg.optim.ssim_lambda) * l1 + cfg.optim.ssim_lambda * d_ssim
+    loss = (1 - cfg.optim.ssim_lambda) * l1 + cfg.optim.ssim_lambda * d_ssim + extra
     loss.backward()
-    for opt in ts.optimizers.values():
+    for opt in (*ts.optimizers.values(), *([ts.compact_optimizer] if ts.compact is not None else [])):
         opt.step()
         opt.zero_grad(set_to_none=True)
     ts.scheduler.step()
     ts.strategy.step_post_backward(p, ts.optimizers, ts.strategy_state, it, meta, packed=False)
-    return {"loss": loss.detach(), "l1": l1.detach(), "d_ssim": d_ssim.detach(), "sh_degree": sh_degree}
+    if ts.compact is not None:
+        _prune_masked(cfg, ts, it)
+    return {"loss": loss.detach(), "l1": l1.detach(), "d_ssim": d_ssim.detach(), "sh_degree": sh_degree,
+            **{f"loss_{k}": v.detach() for k, v in terms.items()}}
+
+
+def _prune_masked(cfg: SplatConfig, ts: TrainState, it: int) -> None:
+    """Remove masked Gaussians at every densification step and every ``prune_every`` steps after."""
+    from gsplat.strategy.ops import remove
+
+    s = cfg.strategy
+    refining = s.refine_start_iter < it < s.refine_stop_iter and it % s.refine_every == 0
+    if refining or (it >= s.refine_stop_iter and it % cfg.compact.prune_every == 0):
+        masked = ts.compact.masked(ts.params)
+        if bool(masked.any()):
+            remove(ts.params, ts.optimizers, ts.strategy_state, masked)
 
 
 def train(cfg: SplatConfig, out_dir: str | Path, resume: bool = False) -> dict:
@@ -289,27 +359,37 @@ def train(cfg: SplatConfig, out_dir: str | Path, resume: bool = False) -> dict:
             window.setdefault("step_ms", []).append(1e3 * (time.perf_counter() - t0))
             done = step + 1
             logger.step()
-            for k in ("loss", "l1", "d_ssim"):
-                window.setdefault(k, []).append(float(out[k]))
+            for k in ("loss", "l1", "d_ssim", "loss_mask", "loss_vq"):
+                if k in out:
+                    window.setdefault(k, []).append(float(out[k]))
             if done % cfg.train.log_every == 0 or done == T:
                 scalars = {k: float(np.mean(v)) for k, v in window.items()}
-                scalars.update(num_gaussians=len(ts.params["means"]), sh_degree=out["sh_degree"],
-                               lr_means=ts.optimizers["means"].param_groups[0]["lr"])
+                scalars.update(num_gaussians=len(ts.params["means"]), lr_means=ts.optimizers["means"].param_groups[0]["lr"])
+                if out["sh_degree"] is not None:
+                    scalars["sh_degree"] = out["sh_degree"]
                 logger.log(done, scalars)
                 window.clear()
             if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != T:
-                metrics = evaluate_views(Gaussians.from_params(ts.params), ts.test_set, cfg,
+                metrics = evaluate_views(snapshot(ts), ts.test_set, cfg,
                                          out_dir / "renders" / f"step_{done:08d}", lpips, ts.device)
                 logger.log(done, metrics, split="eval")
             if (cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0) or done == T:
                 last_ckpt = _save_checkpoint(ckpts, done, ts, cfg)
     finally:
         logger.close()
-    gaussians = Gaussians.from_params(ts.params)
-    gaussians.save_ply(out_dir / "point_cloud.ply")
+    gaussians, files = snapshot(ts), {}
+    if ts.compact is None:
+        gaussians.save_ply(out_dir / "point_cloud.ply")
+        files["ply"] = out_dir / "point_cloud.ply"
+    else:  # evaluate what the post-processed file holds, rendered from the file
+        gaussians.save(out_dir / "compact_plain.cgs", post=False)
+        gaussians.save(out_dir / "compact.cgs", post=True)
+        files.update(cgs=out_dir / "compact.cgs", cgs_plain=out_dir / "compact_plain.cgs")
+        gaussians = CompactGaussians.load(out_dir / "compact.cgs", ts.device)
     metrics = evaluate_views(gaussians, ts.test_set, cfg, out_dir / "renders" / f"step_{T:08d}", lpips, ts.device)
+    metrics.update({f"mb_{k}": f.stat().st_size / 1e6 for k, f in files.items()})
     result = {"metrics": metrics, "train_views": len(ts.train_set), "step": T,
-              "checkpoint": str(last_ckpt or ckpts.latest()), "ply": str(out_dir / "point_cloud.ply")}
+              "checkpoint": str(last_ckpt or ckpts.latest()), **{k: str(f) for k, f in files.items()}}
     atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2))
     print(f"[eval] {len(ts.test_set)} held-out views: PSNR {metrics.get('psnr', float('nan')):.2f} dB, "
           f"SSIM {metrics.get('ssim', float('nan')):.4f}, {metrics['num_gaussians']} Gaussians, "
@@ -318,15 +398,19 @@ def train(cfg: SplatConfig, out_dir: str | Path, resume: bool = False) -> dict:
 
 
 def evaluate(cfg: SplatConfig, ckpt: str | Path, out_dir: str | Path) -> dict:
-    """Evaluate a checkpoint (file or run folder) or a 3DGS .ply on the held-out views."""
+    """Evaluate a checkpoint (file or run folder), a 3DGS .ply or a Compact 3DGS .cgs on the held-out views."""
     out_dir = Path(out_dir)
     device = _device(cfg)
     _, test_set = _datasets(cfg)
     if str(ckpt).endswith(".ply"):
         gaussians = Gaussians.load_ply(ckpt)
+    elif str(ckpt).endswith(".cgs"):
+        gaussians = CompactGaussians.load(ckpt)
     else:
-        gaussians = _gaussians_from_checkpoint(read_checkpoint(ckpt), ckpt)
+        gaussians = _gaussians_from_checkpoint(read_checkpoint(ckpt), ckpt, cfg)
     metrics = evaluate_views(gaussians, test_set, cfg, out_dir / "renders" / "eval", _lpips(cfg, device), device)
+    if str(ckpt).endswith((".ply", ".cgs")):
+        metrics["mb_file"] = Path(ckpt).stat().st_size / 1e6
     result = {"metrics": metrics, "checkpoint": str(ckpt)}
     atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2))
     print(f"[eval] {len(test_set)} held-out views: PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}, "

@@ -165,3 +165,53 @@ def test_container_round_trip_and_bad_files(tmp_path):
     bad.write_bytes(path.read_bytes()[:-2])
     with pytest.raises(DataError, match="truncated"):
         read_container(bad)
+
+
+def _random_compact(n: int = 3000, seed: int = 0):
+    from splatting.compact.model import CompactGaussians, CompactModel, CompactOptions
+
+    g = torch.Generator().manual_seed(seed)
+    opts = CompactOptions(hash_levels=4, hash_log2_size=10, mlp_hidden=16, vq_stages=3, vq_codebook_size=32)
+    model = CompactModel(opts, torch.zeros(3), 1.5)
+    with torch.no_grad():
+        model.field.grid.table.uniform_(-0.5, 0.5, generator=g)
+    params = {"means": torch.rand(n, 3, generator=g) * 2 - 1,
+              "scales": torch.log(0.02 + 0.03 * torch.rand(n, 3, generator=g)),
+              "quats": torch.randn(n, 4, generator=g), "opacities": torch.randn(n, generator=g),
+              "mask": torch.where(torch.rand(n, generator=g) < 0.25, -8.0, 2.0)}
+    assert not model.vq_active
+    plain = CompactGaussians.from_training(params, model)
+    assert len(plain) == int((params["mask"] > 0).sum()) and plain.scale_idx is None
+    model.start_vq(params)
+    return CompactGaussians.from_training(params, model), model, params
+
+
+def _camera(width=64, height=48):
+    viewmat = torch.eye(4)
+    viewmat[2, 3] = 3.0  # camera at z = -3 looking along +z at the unit cube
+    K = torch.tensor([[60.0, 0, width / 2], [0, 60.0, height / 2], [0, 0, 1]])
+    return viewmat[None], K[None], width, height
+
+
+def test_compact_file_round_trips_render_like_the_model(tmp_path):
+    g, model, params = _random_compact()
+    vm, K, W, H = _camera()
+    ref = g.render(vm, K, W, H)[0]
+    assert ref.std().item() > 0.05  # a non-trivial image
+    # the model under training renders the same (quantized) Gaussians; masked ones are invisible
+    train_rgb = model.render(params, vm, K, W, H)[0]
+    assert (train_rgb - ref).abs().max().item() < 1e-5
+    from splatting.compact.model import CompactGaussians
+
+    size_plain = g.save(tmp_path / "plain.cgs", post=False)
+    size_post = g.save(tmp_path / "post.cgs", post=True)
+    plain = CompactGaussians.load(tmp_path / "plain.cgs")
+    post = CompactGaussians.load(tmp_path / "post.cgs")
+    assert len(plain) == len(post) == len(g)
+    assert (plain.render(vm, K, W, H)[0] - ref).abs().max().item() < 1e-6
+    err = (post.render(vm, K, W, H)[0] - ref).abs()
+    assert err.mean().item() < 1e-3 and err.max().item() < 0.01  # float16 positions, 8-bit table
+    assert size_post < 0.5 * size_plain
+    (tmp_path / "bad.cgs").write_bytes((tmp_path / "post.cgs").read_bytes()[:200])
+    with pytest.raises(DataError):
+        CompactGaussians.load(tmp_path / "bad.cgs")
