@@ -68,6 +68,7 @@ class HashGrid(nn.Module):
         self.register_buffer("resolution", torch.tensor(res, dtype=torch.long), persistent=False)
         dense = [(r + 1) ** 3 <= self.table_size for r in res]
         self.register_buffer("dense", torch.tensor(dense), persistent=False)
+        self.register_buffer("primes", torch.tensor(_PRIMES, dtype=torch.long), persistent=False)
         self.table = nn.Parameter(torch.empty(num_levels, self.table_size, features_per_level).uniform_(
             -init_scale, init_scale))
 
@@ -75,29 +76,30 @@ class HashGrid(nn.Module):
     def out_dim(self) -> int:
         return self.num_levels * self.features_per_level
 
-    def vertex_index(self, corner: torch.Tensor) -> torch.Tensor:
-        """Table row of integer lattice vertices ``corner [..., L, 3]`` at each level: ``[..., L]``."""
-        res = self.resolution + 1
-        dense = corner[..., 0] + corner[..., 1] * res + corner[..., 2] * res * res
-        hashed = (corner[..., 0] * _PRIMES[0]) ^ (corner[..., 1] * _PRIMES[1]) ^ (corner[..., 2] * _PRIMES[2])
-        return torch.where(self.dense, dense, hashed) & (self.table_size - 1)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.shape[1] != 3:
             raise DataError(f"HashGrid: expected points [N, 3], got {tuple(x.shape)}")
-        L, T, F = self.num_levels, self.table_size, self.features_per_level
+        N, L, T, F = x.shape[0], self.num_levels, self.table_size, self.features_per_level
         pos = x.clamp(0, 1)[:, None, :] * self.resolution[:, None].to(x.dtype)  # [N, L, 3]
-        base = pos.floor().long()
-        frac = pos - base
-        out = x.new_zeros(x.shape[0], L, F)
-        level_offset = torch.arange(L, device=x.device) * T
-        flat = self.table.view(L * T, F)
-        for corner in range(8):  # the 8 vertices of the cell; each step is vectorized over N and L
-            bits = torch.tensor([(corner >> a) & 1 for a in range(3)], device=x.device)
-            w = torch.where(bits.bool(), frac, 1 - frac).prod(-1)  # [N, L]
-            rows = self.vertex_index(base + bits) + level_offset
-            out = out + w[..., None] * flat[rows]
-        return out.reshape(x.shape[0], L * F)
+        base = pos.detach().floor()
+        frac = pos - base  # carries the gradient to the positions
+        # Per axis a, the two vertex coordinates (offset 0 and 1) are combined over the 8 corners
+        # by broadcasting over dims (z, y, x) of a [N, L, 2, 2, 2] grid: corner c = 4 z + 2 y + x.
+        with torch.no_grad():
+            v = base.long()[..., None] + torch.arange(2, device=x.device)  # [N, L, 3, 2]
+            res = (self.resolution + 1)[:, None, None]
+            # only the low log2(T) bits matter (xor and the final mask commute with truncation),
+            # so the per-axis terms are truncated first and the 8-corner work runs in int32
+            d = (v * torch.cat([torch.ones_like(res), res, res * res], 1) & (T - 1)).int()  # strides 1, R, R^2
+            h = (v * self.primes[:, None] & (T - 1)).int()
+            dense = d[:, :, 0, None, None, :] + d[:, :, 1, None, :, None] + d[:, :, 2, :, None, None]
+            hashed = h[:, :, 0, None, None, :] ^ h[:, :, 1, None, :, None] ^ h[:, :, 2, :, None, None]
+            rows = torch.where(self.dense[:, None, None, None], dense, hashed) & (T - 1)
+            rows = rows.view(N, L, 8) + torch.arange(L, device=x.device, dtype=torch.int32)[:, None] * T
+        wx, wy, wz = torch.stack([1 - frac, frac], -1).unbind(2)  # [N, L, 2] each
+        w = (wz[:, :, :, None, None] * wy[:, :, None, :, None] * wx[:, :, None, None, :]).reshape(N, L, 8)
+        feats = self.table.view(L * T, F).index_select(0, rows.flatten()).view(N, L, 8, F)
+        return (w[..., None] * feats).sum(2).reshape(N, L * F)
 
 
 class ColorField(nn.Module):

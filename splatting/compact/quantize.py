@@ -109,8 +109,11 @@ class ResidualVQ(nn.Module):
 
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
         """``x_hat [N, D]`` from ``indices [N, S]``."""
-        stages = torch.arange(self.codebooks.shape[0], device=indices.device)
-        return self.codebooks[stages, indices].sum(1)
+        S, K, D = self.codebooks.shape
+        rows = (indices + torch.arange(S, device=indices.device) * K).flatten()
+        # index_select: its backward (index_add) accumulates in a fixed order, unlike advanced
+        # indexing's index_put, whose CPU accumulation order varies between runs
+        return self.codebooks.view(S * K, D).index_select(0, rows).view(-1, S, D).sum(1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x + sg(x_hat - x), loss)``: the straight-through quantized vectors and the VQ loss."""

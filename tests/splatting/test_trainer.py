@@ -136,3 +136,56 @@ def test_missing_scene_is_a_clear_error(tmp_path):
     cfg = load_config(CONFIG, SplatConfig, overrides=[f"data.root={tmp_path / 'nowhere'}", "data.synthetic=null"])
     with pytest.raises(DataError, match="nowhere.*not found"):
         trainer.train(cfg, tmp_path / "out")
+
+
+COMPACT = ("compact={hash_levels: 4, hash_log2_size: 10, mlp_hidden: 16, vq_stages: 2, vq_codebook_size: 16, "
+           "vq_start_fraction: 0.6, mask_lr: 0.1, mask_lambda: 0.05, prune_every: 5}")
+
+
+def test_compact_training_resumes_exactly_and_renders_from_its_file(scene_root, tmp_path, monkeypatch):
+    from splatting.compact.model import CompactGaussians
+
+    cfg = tiny_cfg(scene_root, COMPACT)
+    result = trainer.train(cfg, tmp_path / "a")
+    ts = trainer.build(cfg)
+    before = trainer.evaluate_views(trainer.snapshot(ts), ts.test_set, cfg, None)
+    after = result["metrics"]
+    assert after["psnr"] > before["psnr"] + 3.0, (before, after)
+    assert after["mb_cgs"] < after["mb_cgs_plain"]
+    # the final metrics are those of the post-processed file, rendered from the file
+    again = trainer.evaluate_views(CompactGaussians.load(tmp_path / "a" / "compact.cgs"), ts.test_set, cfg, None)
+    assert again["psnr"] == pytest.approx(after["psnr"], abs=1e-4)
+    # exact resume across the start of the R-VQ phase (step 36)
+    real_step = trainer.train_step
+
+    def crashing(cfg_, ts_, step):
+        if step == 45:
+            raise RuntimeError("crash")
+        return real_step(cfg_, ts_, step)
+
+    monkeypatch.setattr(trainer, "train_step", crashing)
+    with pytest.raises(RuntimeError, match="crash"):
+        trainer.train(cfg, tmp_path / "b")
+    monkeypatch.setattr(trainer, "train_step", real_step)
+    trainer.train(cfg, tmp_path / "b", resume=True)
+    ref, resumed = (read_checkpoint(resolve_latest(tmp_path / d / "ckpt")) for d in ("a", "b"))
+    for k in ref["model"]:
+        torch.testing.assert_close(resumed["model"][k], ref["model"][k], rtol=0, atol=1e-6)
+    for k in ref["compact"]:
+        torch.testing.assert_close(resumed["compact"][k], ref["compact"][k], rtol=0, atol=1e-6)
+
+
+def test_masked_gaussians_are_removed_with_their_optimizer_state(scene_root):
+    cfg = tiny_cfg(scene_root, COMPACT)
+    ts = trainer.build(cfg)
+    n = len(ts.params["means"])
+    with torch.no_grad():
+        ts.params["mask"][::3] = -10.0  # a third switched off
+    keep = ts.params["means"].detach()[torch.arange(n) % 3 != 0].clone()
+    trainer._prune_masked(cfg, ts, it=33)  # not a densification step (every 10 from 20 to 50): nothing
+    assert len(ts.params["means"]) == n
+    trainer._prune_masked(cfg, ts, it=30)
+    assert torch.equal(ts.params["means"].detach(), keep)
+    for k, opt in ts.optimizers.items():
+        state = opt.state[opt.param_groups[0]["params"][0]]
+        assert opt.param_groups[0]["params"][0] is ts.params[k] and (not state or len(state["exp_avg"]) == len(keep))
