@@ -1,9 +1,10 @@
-"""Builds (at first use) and loads the C++ CPU rasterizer, ``csrc/raster_cpu.cpp``.
+"""Builds (at first use) and loads the C++ CPU kernels: the rasterizer (``csrc/raster_cpu.cpp``)
+and the Compact 3DGS kernels (``csrc/compact_cpu.cpp``), one extension.
 
 ``torch.utils.cpp_extension.load`` compiles it with the machine's g++ and ninja (about a minute,
 once) into torch's extension cache (``$TORCH_EXTENSIONS_DIR``, default
 ``~/.cache/torch_extensions``); later imports load the cached library in milliseconds. The
-library name carries a hash of the source, the flags and the CPU model, so an edited source or a
+library name carries a hash of the sources, the flags and the CPU model, so an edited source or a
 different machine never picks up a stale build. It is compiled with ``-fopenmp`` and uses
 ``at::parallel_for``: the kernels run on torch's own thread pool (``torch.set_num_threads``).
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 
 __all__ = ["cpu_ext"]
 
-_SRC = Path(__file__).resolve().parent / "csrc" / "raster_cpu.cpp"
+_SRCS = [Path(__file__).resolve().parent / "csrc" / f for f in ("raster_cpu.cpp", "compact_cpu.cpp")]
 _FLAGS = ["-O3", "-ffast-math", "-march=native", "-fopenmp"]
 _lock = threading.Lock()
 _ext = None
@@ -43,13 +44,13 @@ def cpu_ext():
             import torch
             from torch.utils import cpp_extension
 
-            key = hashlib.sha1(_SRC.read_bytes() + " ".join(_FLAGS).encode() + _cpu_model().encode()
+            key = hashlib.sha1(b"".join(p.read_bytes() for p in _SRCS) + " ".join(_FLAGS).encode() + _cpu_model().encode()
                                + torch.__version__.encode()).hexdigest()[:10]
             name = f"p3d_raster_cpu_{key}"
             build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
             if not any(build_dir.glob(f"{name}*.so")):
-                print(f"[splatting] compiling the CPU rasterizer into {build_dir} (first use, about a minute)",
+                print(f"[splatting] compiling the CPU kernels into {build_dir} (first use, about a minute)",
                       file=sys.stderr)
-            _ext = cpp_extension.load(name=name, sources=[str(_SRC)], extra_cflags=_FLAGS,
+            _ext = cpp_extension.load(name=name, sources=[str(p) for p in _SRCS], extra_cflags=_FLAGS,
                                       extra_ldflags=["-fopenmp"], verbose=False)
     return _ext

@@ -13,7 +13,9 @@ for the contraction). Pure torch and vectorized over points and levels (no tiny-
   entries; a vertex ``(i, j, k)`` indexes the table densely (``i + j (N+1) + k (N+1)^2``) when the
   level's ``(N_l + 1)^3`` vertices fit in ``T``, and by the spatial hash
   ``(i * 1 xor j * 2654435761 xor k * 805459861) mod T`` otherwise. Levels are concatenated:
-  ``[N, L * F]``.
+  ``[N, L * F]``. On CPU (float32) the work runs in C++ kernels with an analytic backward
+  (``splatting/csrc/compact_cpu.cpp``); elsewhere in the vectorized torch code of
+  :meth:`HashGrid.forward_torch`, which the tests also use as the kernel's reference.
 * :class:`ColorField`: hash features of the contracted centre, concatenated with the real SH basis
   (degree 3, 16 values) of the viewing direction, into an MLP with one hidden ReLU layer and a
   sigmoid: RGB in [0, 1] per Gaussian and view.
@@ -25,6 +27,7 @@ import torch
 from torch import nn
 
 from perception3d.errors import ConfigError, DataError
+from splatting._ext import cpu_ext
 from splatting.sh import sh_basis
 
 __all__ = ["contract", "HashGrid", "ColorField"]
@@ -79,6 +82,12 @@ class HashGrid(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.shape[1] != 3:
             raise DataError(f"HashGrid: expected points [N, 3], got {tuple(x.shape)}")
+        if x.device.type == "cpu" and x.dtype == torch.float32 and self.table.dtype == torch.float32:
+            return _HashEncodeCPU.apply(x.contiguous(), self.table, self.resolution, self.dense)
+        return self.forward_torch(x)
+
+    def forward_torch(self, x: torch.Tensor) -> torch.Tensor:
+        """The same encoding in plain torch (GPU tensors, float64; the reference of the C++ kernel)."""
         N, L, T, F = x.shape[0], self.num_levels, self.table_size, self.features_per_level
         pos = x.clamp(0, 1)[:, None, :] * self.resolution[:, None].to(x.dtype)  # [N, L, 3]
         base = pos.detach().floor()
@@ -100,6 +109,21 @@ class HashGrid(nn.Module):
         w = (wz[:, :, :, None, None] * wy[:, :, None, :, None] * wx[:, :, None, None, :]).reshape(N, L, 8)
         feats = self.table.view(L * T, F).index_select(0, rows.flatten()).view(N, L, 8, F)
         return (w[..., None] * feats).sum(2).reshape(N, L * F)
+
+
+class _HashEncodeCPU(torch.autograd.Function):
+    """The C++ kernels of ``csrc/compact_cpu.cpp``: forward, and d x / d table in one backward."""
+
+    @staticmethod
+    def forward(ctx, x, table, resolution, dense):
+        ctx.save_for_backward(x, table, resolution, dense)
+        return cpu_ext().hash_encode_forward(x, table.detach(), resolution, dense)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, table, resolution, dense = ctx.saved_tensors
+        grad_x, grad_table = cpu_ext().hash_encode_backward(x, table.detach(), resolution, dense, grad_out)
+        return grad_x, grad_table, None, None
 
 
 class ColorField(nn.Module):

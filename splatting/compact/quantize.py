@@ -33,7 +33,11 @@ def binary_mask(logits: torch.Tensor, threshold: float = 0.01) -> torch.Tensor:
 
 
 def _nearest(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest codeword of each row: ``[N]``, chunked to bound memory."""
+    """Index of the nearest codeword of each row: ``[N]`` (C++ on CPU; chunked torch elsewhere)."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and codebook.dtype == torch.float32:
+        from splatting._ext import cpu_ext
+
+        return cpu_ext().nearest_codeword(x.contiguous(), codebook.contiguous())
     out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
     c2 = (codebook * codebook).sum(1)
     for s in range(0, x.shape[0], 65536):

@@ -449,7 +449,16 @@ torch::Tensor raster_backward(torch::Tensor means2d, torch::Tensor conics, torch
   return grads.sum(0);
 }
 
+// csrc/compact_cpu.cpp (Compact 3DGS), compiled into the same extension
+torch::Tensor hash_encode_forward(torch::Tensor x, torch::Tensor table, torch::Tensor res, torch::Tensor dense);
+std::vector<torch::Tensor> hash_encode_backward(torch::Tensor x, torch::Tensor table, torch::Tensor res,
+                                                torch::Tensor dense, torch::Tensor grad_out);
+torch::Tensor nearest_codeword(torch::Tensor x, torch::Tensor codebook);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("hash_encode_forward", &hash_encode_forward, "multi-resolution hash encoding, forward");
+  m.def("hash_encode_backward", &hash_encode_backward, "multi-resolution hash encoding, d x and d table");
+  m.def("nearest_codeword", &nearest_codeword, "index of the nearest codeword of every row");
   m.def("bin_gaussians", &bin_gaussians, "per-tile Gaussian lists sorted by depth, and each Gaussian's alpha box");
   m.def("raster_forward", &raster_forward, "forward alpha compositing");
   m.def("raster_backward", &raster_backward, "analytic backward of raster_forward");
