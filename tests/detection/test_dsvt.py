@@ -107,13 +107,19 @@ def test_compact_buckets_hold_each_sets_unpadded_voxels():
     assert torch.equal(flat[slot[0]], torch.arange(len(coords)))
 
 
+def mha_like(module) -> nn.MultiheadAttention:
+    """nn.MultiheadAttention holding ``module``'s projection weights (same q, k, v row layout)."""
+    d = module.out_proj.in_features
+    mha = nn.MultiheadAttention(d, module.num_heads, batch_first=True)
+    mha.in_proj_weight.data.copy_(module.in_proj.weight)
+    mha.in_proj_bias.data.copy_(module.in_proj.bias)
+    mha.out_proj.load_state_dict(module.out_proj.state_dict())
+    return mha
+
+
 def reference_layer(layer: SetAttentionLayer, x, part, order: int, window):
     """The layer with nn.MultiheadAttention run set by set on the specified [T, tau] sets."""
-    d = x.shape[1]
-    mha = nn.MultiheadAttention(d, layer.num_heads, batch_first=True)
-    mha.in_proj_weight.data.copy_(layer.in_proj.weight)
-    mha.in_proj_bias.data.copy_(layer.in_proj.bias)
-    mha.out_proj.load_state_dict(layer.out_proj.state_dict())
+    mha = mha_like(layer)
     h = x + layer.pos(window_positions(window))[part.cell]
     out = torch.full_like(x, float("nan"))
     for t in range(part.voxels.shape[1]):
@@ -158,10 +164,7 @@ def test_one_full_set_per_window_is_plain_attention_per_window():
     *buckets, slot = part.compact()
     layer = SetAttentionLayer(32, 4, 64).eval()
     x = torch.randn(len(coords), 32)
-    mha = nn.MultiheadAttention(32, 4, batch_first=True)
-    mha.in_proj_weight.data.copy_(layer.in_proj.weight)
-    mha.in_proj_bias.data.copy_(layer.in_proj.bias)
-    mha.out_proj.load_state_dict(layer.out_proj.state_dict())
+    mha = mha_like(layer)
     with torch.no_grad():
         ours = layer(x, [s[0] for s in buckets[0::2]], buckets[1::2], slot[0], part.cell, window_positions(w))
         h = x + layer.pos(window_positions(w))[part.cell]
@@ -181,10 +184,7 @@ def test_attention_pooling_against_a_loop():
     pooled, member_slot = pool_groups(coords, (1, 1, 2))
     pool = AttentionPool3D(32, 4, (1, 1, 2)).eval()
     x = torch.randn(len(coords), 32)
-    mha = nn.MultiheadAttention(32, 4, batch_first=True)
-    mha.in_proj_weight.data.copy_(pool.in_proj.weight)
-    mha.in_proj_bias.data.copy_(pool.in_proj.bias)
-    mha.out_proj.load_state_dict(pool.out_proj.state_dict())
+    mha = mha_like(pool)
     with torch.no_grad():
         ours = pool(x, member_slot, pooled)
         c = coords.long()
