@@ -251,7 +251,7 @@ class CompactGaussians:
             n, post = int(meta["n"]), bool(meta["post"])
             model = CompactModel(opts, torch.tensor(meta["centre"]), meta["radius"])
             S = opts.vq_stages
-            f32 = np.float16 if post else np.float32
+            floats = np.float16 if post else np.float32  # codebooks and MLP
             if post:
                 means = np.frombuffer(lzma.decompress(blobs["means"]), np.float16).astype(np.float32)
                 codes = torch.from_numpy(np.frombuffer(lzma.decompress(blobs["opacities"]), np.uint8).copy())
@@ -268,12 +268,12 @@ class CompactGaussians:
                 sidx = np.frombuffer(blobs["scale_idx"], _index_dtype(opts)).reshape(n, S)
                 ridx = np.frombuffer(blobs["rot_idx"], _index_dtype(opts)).reshape(n, S)
                 table = torch.from_numpy(np.frombuffer(blobs["table"], np.float32).copy())
-            cb = torch.from_numpy(np.frombuffer(blobs["codebooks"], f32).astype(np.float32))
+            cb = torch.from_numpy(np.frombuffer(blobs["codebooks"], floats).astype(np.float32))
             k = S * opts.vq_codebook_size
             model.vq_scale.codebooks.data.copy_(cb[:k * 3].view(S, -1, 3))
             model.vq_rot.codebooks.data.copy_(cb[k * 3:].view(S, -1, 4))
             model.field.grid.table.data.copy_(table.view_as(model.field.grid.table))
-            flat = torch.from_numpy(np.frombuffer(blobs["mlp"], f32).astype(np.float32))
+            flat = torch.from_numpy(np.frombuffer(blobs["mlp"], floats).astype(np.float32))
             state, offset = {}, 0
             for name, v in model.field.mlp.state_dict().items():
                 state[name] = flat[offset:offset + v.numel()].view_as(v)
