@@ -55,7 +55,8 @@ class CompactOptions:
         hash_levels, hash_features, hash_log2_size, hash_min_resolution, hash_max_resolution:
             :class:`~splatting.compact.hashgrid.HashGrid` options.
         mlp_hidden: hidden width of the colour MLP.
-        field_lr: Adam learning rate of the hash table and the MLP.
+        field_lr: Adam learning rate of the hash table and the MLP (0.003: measured best of
+            0.001-0.03, see splatting/design.md).
         vq_stages, vq_codebook_size: R-VQ stages and codebook entries (6 x 64 in the paper).
         vq_start_fraction: R-VQ is on for the last ``1 - vq_start_fraction`` of the steps
             (codebooks initialised by k-means when it starts).
@@ -74,7 +75,7 @@ class CompactOptions:
     hash_min_resolution: int = 16
     hash_max_resolution: int = 512
     mlp_hidden: int = 64
-    field_lr: float = 0.01
+    field_lr: float = 0.003
     vq_stages: int = 6
     vq_codebook_size: int = 64
     vq_start_fraction: float = 0.8
