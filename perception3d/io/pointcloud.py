@@ -113,6 +113,21 @@ def _lzf_decompress(src, out):  # pragma: no cover - numba
 
 
 @numba.njit(cache=True)
+def _lzf_literals(src, start, end, out, op):  # pragma: no cover - numba
+    """Write `src[start:end]` as LZF literal runs (at most 32 bytes each) at `out[op:]`; the new `op`."""
+    s = start
+    while s < end:
+        run = min(32, end - s)
+        out[op] = run - 1
+        op += 1
+        for k in range(run):
+            out[op + k] = src[s + k]
+        op += run
+        s += run
+    return op
+
+
+@numba.njit(cache=True)
 def _lzf_compress(src, out):  # pragma: no cover - numba
     n = src.shape[0]
     htab = np.full(1 << 14, -1, np.int64)
@@ -137,16 +152,7 @@ def _lzf_compress(src, out):  # pragma: no cover - numba
         if best_len == 0:
             ip += 1
             continue
-        # flush pending literals in runs of at most 32
-        s = lit_start
-        while s < ip:
-            run = min(32, ip - s)
-            out[op] = run - 1
-            op += 1
-            for k in range(run):
-                out[op + k] = src[s + k]
-            op += run
-            s += run
+        op = _lzf_literals(src, lit_start, ip, out, op)
         off = ip - ref - 1
         ln2 = best_len - 2
         if ln2 < 7:
@@ -160,16 +166,7 @@ def _lzf_compress(src, out):  # pragma: no cover - numba
         op += 1
         ip += best_len
         lit_start = ip
-    s = lit_start
-    while s < n:
-        run = min(32, n - s)
-        out[op] = run - 1
-        op += 1
-        for k in range(run):
-            out[op + k] = src[s + k]
-        op += run
-        s += run
-    return op
+    return _lzf_literals(src, lit_start, n, out, op)
 
 
 def lzf_decompress(data: bytes, uncompressed_size: int) -> bytes:
