@@ -58,7 +58,10 @@ class SplatModelConfig:
 
     Attributes:
         init: ``"sfm"``: one Gaussian per point of the scene's point cloud (random if it has none);
-            ``"random"``: ``init_num_points`` uniform in a cube of ``init_extent`` x the scene scale.
+            ``"random"``: ``init_num_points`` uniform in a cube of ``init_extent`` x the scene scale;
+            ``"triangulate"``: for posed captures without SfM points (instant-ngp / nerfstudio
+            transforms.json), SIFT matches between neighbouring training views triangulated with the
+            known cameras (``splatting/data/triangulate.py``; about 1.2 s per 270x480 view on 2 cores).
         init_num_points, init_extent: random initialisation.
         init_opacity, init_scale: initial opacity; multiplier on the nearest-neighbour scale.
         sh_degree: highest SH degree learnt (0-3).
@@ -67,7 +70,7 @@ class SplatModelConfig:
         near_plane, far_plane: depth range rendered.
     """
 
-    init: Literal["sfm", "random"] = "sfm"
+    init: Literal["sfm", "random", "triangulate"] = "sfm"
     init_num_points: int = 100_000
     init_extent: float = 3.0
     init_opacity: float = 0.1

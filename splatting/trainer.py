@@ -43,6 +43,7 @@ from perception3d.io.atomic import atomic_path, atomic_write_text
 from splatting.compact.model import CompactGaussians, CompactModel
 from splatting.config import SplatConfig, SplatDataConfig
 from splatting.data import SplatDataset, load_scene
+from splatting.data.triangulate import triangulate_views
 from splatting.gaussians import Gaussians, render_raw
 from splatting.metrics import LPIPS, default_lpips, psnr, ssim, ssim_loss
 
@@ -94,6 +95,11 @@ def _initial_gaussians(cfg: SplatConfig, train_set: SplatDataset, scene_scale: f
     if m.init == "sfm" and pts is not None and len(pts) > 0:
         rgb = None if train_set.scene.points_rgb is None else torch.from_numpy(train_set.scene.points_rgb) / 255.0
         return Gaussians.from_points(torch.from_numpy(np.asarray(pts, np.float32)), rgb, m.sh_degree, m.init_opacity,
+                                     m.init_scale)
+    if m.init == "triangulate":
+        pts, rgb = triangulate_views(train_set, progress=cfg.train.progress)
+        print(f"[init] {len(pts)} points triangulated from SIFT matches between the {len(train_set)} training views")
+        return Gaussians.from_points(torch.from_numpy(pts), torch.from_numpy(rgb) / 255.0, m.sh_degree, m.init_opacity,
                                      m.init_scale)
     centres = torch.stack([torch.from_numpy(f.camtoworld[:3, 3]) for f in train_set.frames]).float()
     return Gaussians.random(m.init_num_points, centres.mean(0), m.init_extent * scene_scale, m.sh_degree,

@@ -1,8 +1,9 @@
 """Benchmark: one whole 3DGS training iteration on CPU at OpenSplat's measured size.
 
 The size of the issue's peer measurement: 100,000 Gaussians, fox at 1/4 resolution (270x480).
-The run is set up exactly as ``tools/train.py --config configs/splatting/3dgs_fox.yaml`` does
-(100k random Gaussians, SH degree 3), the training images are decoded into the dataset's cache (as
+The run is set up as ``tools/train.py --config configs/splatting/3dgs_fox.yaml`` does, except that
+it starts from 100k random Gaussians (the peer's count; the config triangulates about 25k points)
+at SH degree 3; the training images are decoded into the dataset's cache (as
 after the first epoch), then ``splatting.trainer.train_step`` is timed: render (projection, SH,
 binning, compositing), L1 + D-SSIM loss, backward, six Adam steps, the position schedule and the
 densification bookkeeping. Densification itself (every 100 steps from step 500) is outside the
