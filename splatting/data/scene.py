@@ -40,6 +40,7 @@ __all__ = [
     "read_image",
     "undistort_image",
     "undistortion_grid",
+    "undistortion_crop",
     "IMAGE_EXTENSIONS",
 ]
 
@@ -325,6 +326,41 @@ def undistortion_grid(K: np.ndarray | torch.Tensor, distortion: Sequence[float],
     return torch.stack([gx, gy], -1).to(torch.float32)[None]
 
 
+def undistortion_crop(grid: torch.Tensor) -> tuple[int, int, int, int]:
+    """The pixel rectangle of an undistorted image that holds only real image content.
+
+    Output pixels whose sample point (``grid``, from `undistortion_grid`) falls outside the input's
+    pixel-centre range get black, or a blend with black, from `undistort_image`; a trainer would
+    learn those strips as scene content (dark floaters in front of the cameras) and an evaluation
+    would count them as errors no renderer can avoid. The rectangle is found by shrinking the image
+    one row or column at a time, always on the side with the most invalid pixels, until none is
+    left (for the fox capture at 1080x1920: a few pixels per side).
+
+    Returns:
+        ``(x0, y0, width, height)``.
+
+    Raises:
+        DataError: no pixel of the undistorted image maps inside the input.
+    """
+    valid = (grid[0].abs() <= 1.0).all(-1)
+    top, bottom, left, right = 0, valid.shape[0], 0, valid.shape[1]
+    while top < bottom and left < right:
+        sub = valid[top:bottom, left:right]
+        if bool(sub.all()):
+            return left, top, right - left, bottom - top
+        bad = [int((~sub[0]).sum()), int((~sub[-1]).sum()), int((~sub[:, 0]).sum()), int((~sub[:, -1]).sum())]
+        side = int(np.argmax(bad))
+        if side == 0:
+            top += 1
+        elif side == 1:
+            bottom -= 1
+        elif side == 2:
+            left += 1
+        else:
+            right -= 1
+    raise DataError("undistortion maps no output pixel inside the input image (distortion coefficients too large?)")
+
+
 def undistort_image(image: torch.Tensor, K: np.ndarray | torch.Tensor, distortion: Sequence[float],
                     grid: torch.Tensor | None = None) -> torch.Tensor:
     """Resample a distorted image to the ideal pinhole camera with the same `K`.
@@ -384,7 +420,9 @@ class SplatDataset:
     "test" = the test files' frames (the val files' when there is no test file).
 
     Each image is decoded (alpha composited over `background_rgb`), undistorted at full resolution
-    when the camera has distortion (`K` is then the new pinhole `K`), downscaled by `downscale` with
+    when the camera has distortion (to the pinhole camera with the same `K`) and cropped to the
+    rectangle where every pixel has real image content (`undistortion_crop`; the principal point
+    shifts by the crop's corner, and `size` / `cameras` / samples report the cropped camera), downscaled by `downscale` with
     area averaging to `floor(W / f) x floor(H / f)` (the right/bottom remainder is cropped, so
     `fx, fy, cx, cy` scale by exactly `1 / f`), and cached in memory as float32.
 
@@ -425,7 +463,7 @@ class SplatDataset:
             chosen = [f for f, t in zip(ordered, is_test) if t == (split == "test")]
         self.frames: tuple[CameraFrame, ...] = tuple(chosen)
         self._cache: dict[int, torch.Tensor] = {}
-        self._grids: dict[tuple, torch.Tensor] = {}  # undistortion maps, one per camera
+        self._grids: dict[tuple, tuple] = {}  # undistortion maps and crops, one per camera
         for f in self.frames:
             if f.width // self.downscale == 0 or f.height // self.downscale == 0:
                 raise DataError(f"downscale={self.downscale}: frame {f.name!r} ({f.width}x{f.height}) "
@@ -434,15 +472,33 @@ class SplatDataset:
     def __len__(self) -> int:
         return len(self.frames)
 
-    def _K(self, frame: CameraFrame) -> np.ndarray:
+    def _undistortion(self, frame: CameraFrame) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+        """The undistortion grid of a distorted frame's camera and its valid crop (cached per camera)."""
+        key = (frame.K.tobytes(), frame.distortion, frame.width, frame.height)
+        if key not in self._grids:
+            grid = undistortion_grid(frame.K, frame.distortion, frame.width, frame.height)
+            self._grids[key] = grid, undistortion_crop(grid)
+        return self._grids[key]
+
+    def _camera(self, frame: CameraFrame) -> tuple[np.ndarray, int, int]:
+        """`(K, width, height)` of the full-resolution image the dataset serves (after the undistortion crop)."""
+        if frame.distortion is None:
+            return frame.K, frame.width, frame.height
+        x0, y0, w, h = self._undistortion(frame)[1]
         K = frame.K.copy()
+        K[0, 2] -= x0
+        K[1, 2] -= y0
+        return K, w, h
+
+    def _K(self, frame: CameraFrame) -> np.ndarray:
+        K = self._camera(frame)[0].copy()
         K[:2] /= self.downscale
         return K
 
     def size(self, i: int) -> tuple[int, int]:
         """`(width, height)` of sample `i` at the downscaled resolution."""
-        f = self.frames[i]
-        return f.width // self.downscale, f.height // self.downscale
+        _, w, h = self._camera(self.frames[i])
+        return w // self.downscale, h // self.downscale
 
     def _load(self, frame: CameraFrame) -> torch.Tensor:
         arr = read_image(frame.image_path, self.background_rgb)
@@ -451,13 +507,11 @@ class SplatDataset:
                             f"({self.scene.format or 'dataset'} file) says {frame.width}x{frame.height}")
         img = torch.from_numpy(arr)
         if frame.distortion is not None:
-            key = (frame.K.tobytes(), frame.distortion, frame.width, frame.height)
-            if key not in self._grids:
-                self._grids[key] = undistortion_grid(frame.K, frame.distortion, frame.width, frame.height)
-            img = undistort_image(img, frame.K, frame.distortion, grid=self._grids[key])
+            grid, (x0, y0, w, h) = self._undistortion(frame)
+            img = undistort_image(img, frame.K, frame.distortion, grid=grid)[y0:y0 + h, x0:x0 + w].contiguous()
         f = self.downscale
         if f > 1:
-            H, W = (frame.height // f) * f, (frame.width // f) * f
+            H, W = (img.shape[0] // f) * f, (img.shape[1] // f) * f
             x = img[:H, :W].permute(2, 0, 1)[None]
             img = torch.nn.functional.avg_pool2d(x, kernel_size=f)[0].permute(1, 2, 0).contiguous()
         return img

@@ -10,7 +10,7 @@ from PIL import Image
 
 from perception3d.errors import DataError
 from splatting.data import CameraFrame, Scene, SplatDataset, load_llff, load_scene, undistort_image
-from splatting.data.scene import undistortion_grid
+from splatting.data.scene import undistortion_crop, undistortion_grid
 
 # a camera with strong barrel distortion, pixel centres at (u + 0.5, v + 0.5)
 W, H = 96, 72
@@ -69,6 +69,34 @@ def test_undistortion_recovers_the_ideal_image(tmp_path):
     img = torch.from_numpy(np.repeat(distorted[..., None], 3, 2).astype(np.float32))
     wrong = undistort_image(img, K, tuple(-c for c in DIST)).numpy()[m:-m, m:-m, 0]
     assert np.abs(wrong - ideal[m:-m, m:-m]).mean() > 0.03
+
+
+def test_pincushion_undistortion_is_cropped_to_image_content(tmp_path):
+    """k1 > 0 pulls the border's samples outside the input: those pixels are cropped away, not black."""
+    global DIST
+    barrel, DIST = DIST, (0.2, 0.05, 0.001, -0.001)
+    try:
+        distorted, ideal = distorted_capture()
+        scene = load_scene(write_opencv_colmap(tmp_path, distorted))
+    finally:
+        DIST = barrel
+    grid = undistortion_grid(K, scene.frames[0].distortion, W, H)
+    x0, y0, w, h = undistortion_crop(grid)
+    valid = (grid[0].abs() <= 1).all(-1).numpy()
+    assert valid[y0:y0 + h, x0:x0 + w].all() and not valid.all()
+    # tight: one more row or column on any side would take an invalid pixel
+    assert not valid[y0 - 1, x0:x0 + w].all() and not valid[y0 + h, x0:x0 + w].all()
+    assert not valid[y0:y0 + h, x0 - 1].all() and not valid[y0:y0 + h, x0 + w].all()
+    ds = SplatDataset(scene, "all")
+    s = ds[0]
+    assert (s.width, s.height) == ds.size(0) == (w, h) and s.image.shape == (h, w, 3)
+    np.testing.assert_allclose(s.K.numpy(), K - [[0, 0, x0], [0, 0, y0], [0, 0, 0]], rtol=1e-6)
+    # the image is the ideal pinhole view of that rectangle, up to its edges (8-bit PNG, bilinear resampling)
+    err = np.abs(s.image.numpy()[..., 0] - ideal[y0:y0 + h, x0:x0 + w])
+    assert err.mean() < 0.004 and err.max() < 0.03, (err.mean(), err.max())
+    assert max(err[0].max(), err[-1].max(), err[:, 0].max(), err[:, -1].max()) < 0.03
+    viewmats, Ks = ds.cameras()
+    torch.testing.assert_close(Ks[0], s.K)
 
 
 def test_undistort_matches_kornia():

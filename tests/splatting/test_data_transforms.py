@@ -190,12 +190,16 @@ def test_fox_dataset_downscaled_and_undistorted(fox):
     assert [f.name for f in ds.frames] == [f"images/{n}" for n in present[::8]]  # every 8th of the 50 present
     assert len(ds) == 7 and len(SplatDataset(fox, "train")) == 43
     s = ds[0]
-    assert s.image.shape == (480, 270, 3) and s.image.dtype == torch.float32 and (s.width, s.height) == (270, 480)
+    # undistorted, then cropped to the pixels with image content: x 7..1072, y 11..1912 of 1080x1920
+    assert ds._undistortion(ds.frames[0])[1] == (7, 11, 1066, 1902)
+    assert s.image.shape == (475, 266, 3) and s.image.dtype == torch.float32 and (s.width, s.height) == (266, 475)
     assert 0.0 <= float(s.image.min()) and float(s.image.max()) <= 1.0
-    np.testing.assert_allclose(s.K.numpy(), [[1375.52 / 4, 0, 554.558 / 4], [0, 1374.49 / 4, 965.268 / 4], [0, 0, 1]],
-                               rtol=1e-6)
+    np.testing.assert_allclose(s.K.numpy(), [[1375.52 / 4, 0, (554.558 - 7) / 4], [0, 1374.49 / 4, (965.268 - 11) / 4],
+                                             [0, 0, 1]], rtol=1e-6)
+    # no black strips left by the undistortion along the edges (the uncropped image had them)
+    assert float(s.image[[0, -1]].amax(-1).mean()) > 0.2 and float(s.image[:, [0, -1]].amax(-1).mean()) > 0.2
     # undistortion moved pixels (k1 = 0.058) but kept the picture: compare with the plain 4x block mean
-    raw = torch.from_numpy(np.asarray(Image.open(FOX / "images" / "0001.jpg"), np.float32) / 255.0)
+    raw = torch.from_numpy(np.asarray(Image.open(FOX / "images" / "0001.jpg"), np.float32) / 255.0)[11:11 + 1900, 7:7 + 1064]
     plain = torch.nn.functional.avg_pool2d(raw.permute(2, 0, 1)[None], 4)[0].permute(1, 2, 0)
     diff = (s.image - plain).abs()
     assert float(diff[200:280, 100:170].mean()) < 0.005  # near the principal point distortion is tiny
