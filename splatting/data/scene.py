@@ -422,8 +422,8 @@ class SplatDataset:
     Each image is decoded (alpha composited over `background_rgb`), undistorted at full resolution
     when the camera has distortion (to the pinhole camera with the same `K`) and cropped to the
     rectangle where every pixel has real image content (`undistortion_crop`; the principal point
-    shifts by the crop's corner, and `size` / `cameras` / samples report the cropped camera), downscaled by `downscale` with
-    area averaging to `floor(W / f) x floor(H / f)` (the right/bottom remainder is cropped, so
+    shifts by the crop's corner, and `size` / `cameras` / samples report the cropped camera),
+    downscaled by `downscale` with area averaging to `floor(W / f) x floor(H / f)` (the right/bottom remainder is cropped, so
     `fx, fy, cx, cy` scale by exactly `1 / f`), and cached in memory as float32.
 
     Args:

@@ -97,11 +97,8 @@ def triangulate_views(dataset: SplatDataset, neighbours: int = 4, num_features: 
         # kornia's keypoints are in pixel-index coordinates; ours put pixel centres at +0.5
         feats.append((KF.get_laf_center(lafs)[0] + 0.5, desc[0]))
     camtoworlds = np.stack([f.camtoworld for f in dataset.frames]).astype(np.float64)
-    Ps = []
-    for i in range(n):
-        s = dataset[i]
-        viewmat = torch.linalg.inv(s.camtoworld.double())
-        Ps.append(s.K.double() @ viewmat[:3])
+    viewmats, Ks = dataset.cameras()
+    Ps = (Ks.double() @ viewmats[:, :3].double()).float()  # [n, 3, 4] world -> pixels
     cos_min = math.cos(math.radians(min_angle_deg))
     points, colours = [], []
     for i, j in tqdm(_pairs(camtoworlds, neighbours), desc="[init] triangulate", disable=not progress, leave=False):
@@ -112,10 +109,9 @@ def triangulate_views(dataset: SplatDataset, neighbours: int = 4, num_features: 
         if len(idx) == 0:
             continue
         x1, x2 = k1[idx[:, 0]], k2[idx[:, 1]]
-        P1, P2 = Ps[i].float(), Ps[j].float()
         X = triangulate_pair(Ps[i], Ps[j], x1, x2)
-        r1, z1 = _project(P1, X)
-        r2, z2 = _project(P2, X)
+        r1, z1 = _project(Ps[i], X)
+        r2, z2 = _project(Ps[j], X)
         c1 = torch.from_numpy(camtoworlds[i, :3, 3]).float()
         c2 = torch.from_numpy(camtoworlds[j, :3, 3]).float()
         ray1 = torch.nn.functional.normalize(X - c1, dim=1)
