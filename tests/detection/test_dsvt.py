@@ -209,7 +209,30 @@ def test_backbone_is_invariant_to_voxel_order():
         bev_b, _ = net(SparseVoxels(feats[perm], coords[perm], (4, 30, 26), 2))
     assert torch.equal(a.coords, b.coords) and a.spatial_shape == (2, 30, 26)
     assert (a.feats - b.feats).abs().max().item() <= 1e-5
-    assert bev_a.shape == (2, 32 * 2, 30, 26) and (bev_a - bev_b).abs().max().item() <= 1e-5
+    assert bev_a.shape == (2, 32, 30, 26) and (bev_a - bev_b).abs().max().item() <= 1e-5
+
+
+def test_height_fold_equals_a_1x1_conv_on_the_concatenated_heights():
+    torch.manual_seed(0)
+    coords = random_coords(5)
+    net = DSVTBackbone(5, (4, 30, 26), SMALL).eval()
+    with torch.no_grad():
+        out = net.forward_sparse(SparseVoxels(torch.randn(len(coords), 5), coords, (4, 30, 26), 2))
+        bev, _ = net(SparseVoxels(torch.randn(len(coords), 5), coords, (4, 30, 26), 2))
+        dense = out.dense()  # [B, C, Z', Y, X]; the reference stacks the levels z-major, c minor
+        stacked = dense.permute(0, 2, 1, 3, 4).reshape(2, -1, 30, 26)
+        ref = torch.nn.functional.conv2d(stacked, net.height_fold.weight[:, :, None, None])
+        ours = net.fold_heights(out)
+    assert out.spatial_shape[0] == 2 and bev.shape == ours.shape == (2, 32, 30, 26)
+    assert (ours - ref).abs().max().item() <= 1e-5 and ref.abs().max().item() > 0.1
+
+
+def test_pool_groups_matches_unique_rows():
+    coords = random_coords(6)
+    pooled, member_slot = pool_groups(coords, (2, 3, 2))
+    ref, inverse = torch.unique(coords.long() // torch.tensor([1, 2, 3, 2]), dim=0, return_inverse=True)
+    assert torch.equal(pooled.long(), ref)
+    assert torch.equal(member_slot // 12, inverse)
 
 
 def test_backbone_rejects_bad_input():
