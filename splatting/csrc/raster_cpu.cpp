@@ -6,10 +6,10 @@
 //    opacity and conic: tighter than gsplat's 3-sigma square, same pixels composited); then a
 //    counting sort of Gaussians into the tiles their box touches (visited in depth order, so each
 //    tile's list comes out sorted by depth).
-//  * raster_forward: a tile walks its list once; each Gaussian updates the tile rows its footprint
-//    box covers (outside the box alpha < 1/255 is guaranteed, so whole rows are safe) in one
-//    branch-free loop that the compiler vectorises (exp included, through glibc's vector maths)
-//    with a single reduction per Gaussian and tile. Per pixel:
+//  * raster_forward: a tile walks its list once; each Gaussian updates the pixels of its footprint
+//    box's rows in the 4-px-wide column strips the box touches (outside the box alpha < 1/255 is
+//    guaranteed, so whole strip rows are safe), one branch-free loop per strip that the compiler
+//    vectorises (exp included, through glibc's vector maths). Per pixel:
 //        sigma = 0.5 (a dx^2 + c dy^2) + b dx dy,   d = mean2d - (pixel + 0.5)
 //        alpha = min(0.999, opacity exp(-sigma)), skipped if sigma < 0 or alpha < 1/255,
 //    and the pixel stops before the Gaussian that would bring its transmittance to <= 1e-4.
@@ -70,6 +70,22 @@ inline bool footprint(T mx, T my, const double* ext, int x_org, int y_org, int t
   ly0 = std::max((int)std::floor(clampd(cy - hy)), 0);
   ly1 = std::min((int)std::ceil(clampd(cy + hy)), tile - 1);
   return lx0 <= lx1 && ly0 <= ly1;
+}
+
+// Pixel layout inside a tile: kStrip-wide columns stored one after another, each row-major
+// (pixel (x, y) at (x / kStrip) * tile * kStrip + y * kStrip + x % kStrip). The pixels of a
+// Gaussian's box rows within one strip are then contiguous, so the compositing loops run over the
+// strips the box touches instead of whole tile rows: on a trained fox scene (100k Gaussians, 266x475)
+// 20.5M instead of 32.5M pixel evaluations per view. A tile size not divisible by kStrip uses one
+// strip of the tile's width.
+constexpr int kStrip = 4;
+
+inline int strip_width(int tile) { return tile % kStrip == 0 ? kStrip : tile; }
+
+// Local (x, y) of the pixel at layout index p.
+inline void strip_xy(int64_t p, int tile, int sw, int& x, int& y) {
+  x = (int)(p / ((int64_t)sw * tile)) * sw + (int)(p % sw);
+  y = (int)((p / sw) % tile);
 }
 
 }  // namespace
@@ -153,6 +169,7 @@ void forward_impl(const T* m2, const T* cn, const T* cl, const T* opa, const T* 
                   T* out_T, int32_t* out_last) {
   const int64_t D = DC > 0 ? DC : D_rt;
   const int64_t tw = (width + tile - 1) / tile, th = (height + tile - 1) / tile, P = (int64_t)tile * tile;
+  const int sw = strip_width(tile);
   at::parallel_for(0, C * th * tw, 1, [&](int64_t t_begin, int64_t t_end) {
     std::vector<T> Tr(P), acc(D * P), w(P), px(P), py(P);  // px, py: pixel centres
     std::vector<T> act(P);  // 1 = still compositing, 0 = stopped or outside the image
@@ -162,9 +179,11 @@ void forward_impl(const T* m2, const T* cn, const T* cl, const T* opa, const T* 
       const int x_org = (int)(tx * tile), y_org = (int)(ty * tile);
       int64_t n_act = 0;
       for (int64_t p = 0; p < P; ++p) {
-        const bool in = x_org + p % tile < width && y_org + p / tile < height;
-        px[p] = T(x_org + p % tile) + T(0.5);
-        py[p] = T(y_org + p / tile) + T(0.5);
+        int lx, ly;
+        strip_xy(p, tile, sw, lx, ly);
+        const bool in = x_org + lx < width && y_org + ly < height;
+        px[p] = T(x_org + lx) + T(0.5);
+        py[p] = T(y_org + ly) + T(0.5);
         act[p] = in ? T(1) : T(0);
         n_act += in;
         Tr[p] = T(1);
@@ -179,16 +198,17 @@ void forward_impl(const T* m2, const T* cn, const T* cl, const T* opa, const T* 
         int lx0, lx1, ly0, ly1;
         if (!footprint(mx, my, ext + g * 2, x_org, y_org, tile, lx0, lx1, ly0, ly1)) continue;
         const int32_t kl = (int32_t)(k - start);
-        // One branch-free pass over the whole rows ly0..ly1 of the tile (pixels of those rows
+        // Per strip the box touches, one branch-free pass over its rows ly0..ly1 (pixels there
         // outside the box fail the alpha test): alpha, transmittance, stop test and, for RGB, the
         // colour accumulation. Channels beyond DC alias channel 0 and are never touched.
-        const int64_t p0 = (int64_t)ly0 * tile, p1 = (int64_t)(ly1 + 1) * tile;
         T* a0 = acc.data();
         T* a1 = acc.data() + (DC > 1 ? 1 : 0) * P;
         T* a2 = acc.data() + (DC > 2 ? 2 : 0) * P;
         const T c0 = DC == 3 ? cl[g * 3] : T(0), c1 = DC == 3 ? cl[g * 3 + 1] : T(0),
                 c2 = DC == 3 ? cl[g * 3 + 2] : T(0);
         int64_t stops = 0;
+        for (int st = lx0 / sw; st <= lx1 / sw; ++st) {
+        const int64_t p0 = (int64_t)st * sw * tile + (int64_t)ly0 * sw, p1 = p0 + (int64_t)(ly1 - ly0 + 1) * sw;
 #pragma omp simd reduction(+ : stops)
         for (int64_t p = p0; p < p1; ++p) {
           const T dx = mx - px[p], dy = my - py[p];
@@ -213,7 +233,6 @@ void forward_impl(const T* m2, const T* cn, const T* cl, const T* opa, const T* 
             w[p] = wt;
           }
         }
-        n_act -= stops;
         if constexpr (DC != 3) {
           for (int64_t d = 0; d < D; ++d) {
             const T col = cl[g * D + d];
@@ -221,9 +240,13 @@ void forward_impl(const T* m2, const T* cn, const T* cl, const T* opa, const T* 
             for (int64_t p = p0; p < p1; ++p) acc_d[p] += w[p] * col;
           }
         }
+        }
+        n_act -= stops;
       }
       for (int64_t p = 0; p < P; ++p) {
-        const int64_t x = x_org + p % tile, y = y_org + p / tile;
+        int lx, ly;
+        strip_xy(p, tile, sw, lx, ly);
+        const int64_t x = x_org + lx, y = y_org + ly;
         if (x >= width || y >= height) continue;
         const int64_t pix = (c * height + y) * width + x;
         for (int64_t d = 0; d < D; ++d) out_color[pix * D + d] = acc[d * P + p] + Tr[p] * bg[c * D + d];
@@ -243,6 +266,7 @@ void backward_impl(const T* m2, const T* cn, const T* cl, const T* opa, const T*
   const int64_t D = DC > 0 ? DC : D_rt;
   const int64_t G = 6 + D;
   const int64_t tw = (width + tile - 1) / tile, th = (height + tile - 1) / tile, P = (int64_t)tile * tile;
+  const int sw = strip_width(tile);
   at::parallel_for(0, C * th * tw, 1, [&](int64_t t_begin, int64_t t_end) {
     const int64_t tid = std::min<int64_t>(at::get_thread_num(), n_buf - 1);
     T* gbuf = grads + tid * C * N * G;
@@ -254,7 +278,9 @@ void backward_impl(const T* m2, const T* cn, const T* cl, const T* opa, const T*
       int32_t kmax = -1;
       std::fill(buf.begin(), buf.end(), T(0));
       for (int64_t p = 0; p < P; ++p) {
-        const int64_t x = x_org + p % tile, y = y_org + p / tile;
+        int lx, ly;
+        strip_xy(p, tile, sw, lx, ly);
+        const int64_t x = x_org + lx, y = y_org + ly;
         px[p] = T(x) + T(0.5);
         py[p] = T(y) + T(0.5);
         if (x >= width || y >= height) {
@@ -287,7 +313,8 @@ void backward_impl(const T* m2, const T* cn, const T* cl, const T* opa, const T*
           s_col[d] = T(0);
         }
         T s_xx = 0, s_xy = 0, s_yy = 0, s_x = 0, s_y = 0, s_op = 0, sc0 = 0, sc1 = 0, sc2 = 0, sc3 = 0;
-        const int64_t p0 = (int64_t)ly0 * tile, p1 = (int64_t)(ly1 + 1) * tile;  // whole rows, as forward
+        for (int st = lx0 / sw; st <= lx1 / sw; ++st) {  // the strips of the box, as forward
+        const int64_t p0 = (int64_t)st * sw * tile + (int64_t)ly0 * sw, p1 = p0 + (int64_t)(ly1 - ly0 + 1) * sw;
         if constexpr (DC > 0) {
           // Channel rows; channels beyond DC alias channel 0 and are never touched (if constexpr).
           T* b0 = buf.data();
@@ -366,6 +393,7 @@ void backward_impl(const T* m2, const T* cn, const T* cl, const T* opa, const T*
               s_op += vis * v_a;
             }
           }
+        }
         }
         if constexpr (DC > 0) {
           const T sc[4] = {sc0, sc1, sc2, sc3};

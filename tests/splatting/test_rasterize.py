@@ -104,12 +104,13 @@ def _render(args, W, H, backend, sh_degree=None, **kw):
     return rgb.detach(), alpha.detach(), None if depth is None else depth.detach(), grads
 
 
-@pytest.mark.parametrize("mode,rmode,sh",
-                         [("RGB+ED", "classic", None), ("RGB+D", "antialiased", 3), ("RGB", "classic", 1)])
-def test_cpu_kernel_matches_reference(mode, rmode, sh):
+@pytest.mark.parametrize("mode,rmode,sh,tile",  # tiles of 4-px strips (16, 8) and of one strip (6)
+                         [("RGB+ED", "classic", None, 16), ("RGB+D", "antialiased", 3, 16), ("RGB", "classic", 1, 16),
+                          ("RGB+D", "classic", None, 8), ("RGB", "classic", 2, 6)])
+def test_cpu_kernel_matches_reference(mode, rmode, sh, tile):
     args, W, H = _scene(sh_degree=sh)
-    ours = _render(args, W, H, "cpu", sh, render_mode=mode, rasterize_mode=rmode)
-    ref = _render(args, W, H, "reference", sh, render_mode=mode, rasterize_mode=rmode)
+    ours = _render(args, W, H, "cpu", sh, render_mode=mode, rasterize_mode=rmode, tile_size=tile)
+    ref = _render(args, W, H, "reference", sh, render_mode=mode, rasterize_mode=rmode, tile_size=tile)
     assert ref[1].max() > 0.9 and ref[1].min() < 0.1  # covered and empty pixels both present
     for a, b in zip(ours[:3], ref[:3]):
         if b is not None:
