@@ -18,7 +18,7 @@ from pathlib import Path
 
 __all__ = ["cpu_ext"]
 
-_SRCS = [Path(__file__).resolve().parent / "csrc" / f for f in ("raster_cpu.cpp", "compact_cpu.cpp")]
+_SRCS = [Path(__file__).resolve().parent / "csrc" / f for f in ("raster_cpu.cpp", "sh_cpu.cpp", "compact_cpu.cpp")]
 _FLAGS = ["-O3", "-ffast-math", "-march=native", "-fopenmp"]
 _lock = threading.Lock()
 _ext = None

@@ -75,6 +75,35 @@ class _RasterizeCPU(torch.autograd.Function):
                 g[:, 5].reshape(C, N), v_bg, None, None, None, None, None, None)
 
 
+class _SHColorsCPU(torch.autograd.Function):
+    """SH colours (before the 0.5 offset) with the C++ kernel (``csrc/sh_cpu.cpp``), fused with the
+    gather ``coeffs[gid]``; the same values as :func:`splatting.sh.eval_sh`. For 78k of 100k
+    Gaussians at degree 3 (a trained fox view), 2 threads: forward + backward 10 ms against 45 ms
+    for the gather and :func:`~splatting.sh.eval_sh` in torch.
+
+    ``dirs [M, 3]``, ``coeffs [N, K, 3]``, ``gid [M]``; ``counts [C]``: the entries are grouped by
+    camera (as ``torch.nonzero`` orders them), ``counts[c]`` of camera ``c``, each group's ids distinct.
+    """
+
+    @staticmethod
+    def forward(ctx, dirs, coeffs, gid, counts, degree):
+        dirs, coeffs = dirs.detach().contiguous(), coeffs.detach().contiguous()
+        ctx.save_for_backward(dirs, coeffs, gid)
+        ctx.counts, ctx.degree = counts.tolist(), degree
+        return cpu_ext().sh_forward(dirs, coeffs, gid, degree)
+
+    @staticmethod
+    def backward(ctx, v_out):
+        dirs, coeffs, gid = ctx.saved_tensors
+        v_coeffs = torch.zeros_like(coeffs)
+        v_dirs, start = [], 0
+        for n in ctx.counts:  # one camera at a time: its ids are distinct, so the kernel adds in place
+            sl = slice(start, start + n)
+            v_dirs.append(cpu_ext().sh_backward(dirs[sl], coeffs, gid[sl], ctx.degree, v_out[sl], v_coeffs))
+            start += n
+        return torch.cat(v_dirs), v_coeffs, None, None, None
+
+
 def _check_inputs(means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, backgrounds):
     def fail(name, expected, t):
         raise DataError(f"rasterize: {name}: expected {expected}, got {tuple(t.shape)} {t.dtype}")
@@ -209,7 +238,12 @@ def rasterize(
         # SH only where a Gaussian is visible (radius > 0): the others are never composited
         cam, gid = torch.nonzero(proj.radii > 0, as_tuple=True)
         campos = torch.linalg.inv(viewmats)[:, :3, 3]  # [C, 3]
-        vis = torch.clamp_min(eval_sh(sh_degree, means[gid] - campos[cam], colors[gid]) + 0.5, 0.0)
+        dirs = means[gid] - campos[cam]
+        if backend == "cpu":
+            sh = _SHColorsCPU.apply(dirs, colors, gid, torch.bincount(cam, minlength=C), sh_degree)
+        else:
+            sh = eval_sh(sh_degree, dirs, colors[gid])
+        vis = torch.clamp_min(sh + 0.5, 0.0)
         cols = torch.zeros(C, N, 3, dtype=vis.dtype, device=vis.device).index_put((cam, gid), vis)
     D = cols.shape[-1]
     bg = backgrounds if backgrounds is not None else torch.zeros(C, D, dtype=means.dtype, device=means.device)

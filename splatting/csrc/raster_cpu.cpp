@@ -518,11 +518,17 @@ torch::Tensor hash_encode_forward(torch::Tensor x, torch::Tensor table, torch::T
 std::vector<torch::Tensor> hash_encode_backward(torch::Tensor x, torch::Tensor table, torch::Tensor res,
                                                 torch::Tensor dense, torch::Tensor grad_out);
 torch::Tensor nearest_codeword(torch::Tensor x, torch::Tensor codebook);
+// csrc/sh_cpu.cpp
+torch::Tensor sh_forward(torch::Tensor dirs, torch::Tensor coeffs, torch::Tensor ids, int64_t degree);
+torch::Tensor sh_backward(torch::Tensor dirs, torch::Tensor coeffs, torch::Tensor ids, int64_t degree,
+                          torch::Tensor v_out, torch::Tensor v_coeffs);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hash_encode_forward", &hash_encode_forward, "multi-resolution hash encoding, forward");
   m.def("hash_encode_backward", &hash_encode_backward, "multi-resolution hash encoding, d x and d table");
   m.def("nearest_codeword", &nearest_codeword, "index of the nearest codeword of every row");
+  m.def("sh_forward", &sh_forward, "SH colours of the visible Gaussians (gathered by id)");
+  m.def("sh_backward", &sh_backward, "analytic backward of sh_forward");
   m.def("bin_gaussians", &bin_gaussians, "per-tile Gaussian lists sorted by depth, and each Gaussian's alpha box");
   m.def("raster_forward", &raster_forward, "forward alpha compositing");
   m.def("raster_backward", &raster_backward, "analytic backward of raster_forward");
