@@ -244,38 +244,38 @@ void forward_impl(const T* m2, const T* cn, const T* cl, const T* opa, const T* 
                 c2 = DC == 3 ? cl[g * 3 + 2] : T(0);
         int64_t stops = 0;
         for (int st = lx0 / sw; st <= lx1 / sw; ++st) {
-        const int64_t p0 = (int64_t)st * sw * tile + (int64_t)ly0 * sw, p1 = p0 + (int64_t)(ly1 - ly0 + 1) * sw;
+          const int64_t p0 = (int64_t)st * sw * tile + (int64_t)ly0 * sw, p1 = p0 + (int64_t)(ly1 - ly0 + 1) * sw;
 #pragma omp simd reduction(+ : stops)
-        for (int64_t p = p0; p < p1; ++p) {
-          const T dx = mx - px[p], dy = my - py[p];
-          const T sigma = T(0.5) * (ca * dx * dx + cc * dy * dy) + cb * dx * dy;
-          const T alpha = std::min(Consts<T>::a_max, op * std::exp(-sigma));
-          const T tr = Tr[p];
-          // non-short-circuit boolean algebra and selects: the loop stays branch-free (vectorised)
-          const bool valid = (act[p] > T(0)) & (sigma >= T(0)) & (alpha >= Consts<T>::a_min);
-          const T nt = tr * (T(1) - alpha);
-          const bool stop = valid & (nt <= Consts<T>::t_min);
-          const bool use = valid & !stop;
-          act[p] = stop ? T(0) : act[p];
-          stops += stop ? 1 : 0;
-          const T wt = use ? alpha * tr : T(0);
-          Tr[p] = use ? nt : tr;
-          last[p] = use ? kl : last[p];
-          if constexpr (DC == 3) {
-            a0[p] += wt * c0;
-            a1[p] += wt * c1;
-            a2[p] += wt * c2;
-          } else {
-            w[p] = wt;
+          for (int64_t p = p0; p < p1; ++p) {
+            const T dx = mx - px[p], dy = my - py[p];
+            const T sigma = T(0.5) * (ca * dx * dx + cc * dy * dy) + cb * dx * dy;
+            const T alpha = std::min(Consts<T>::a_max, op * std::exp(-sigma));
+            const T tr = Tr[p];
+            // non-short-circuit boolean algebra and selects: the loop stays branch-free (vectorised)
+            const bool valid = (act[p] > T(0)) & (sigma >= T(0)) & (alpha >= Consts<T>::a_min);
+            const T nt = tr * (T(1) - alpha);
+            const bool stop = valid & (nt <= Consts<T>::t_min);
+            const bool use = valid & !stop;
+            act[p] = stop ? T(0) : act[p];
+            stops += stop ? 1 : 0;
+            const T wt = use ? alpha * tr : T(0);
+            Tr[p] = use ? nt : tr;
+            last[p] = use ? kl : last[p];
+            if constexpr (DC == 3) {
+              a0[p] += wt * c0;
+              a1[p] += wt * c1;
+              a2[p] += wt * c2;
+            } else {
+              w[p] = wt;
+            }
           }
-        }
-        if constexpr (DC != 3) {
-          for (int64_t d = 0; d < D; ++d) {
-            const T col = cl[g * D + d];
-            T* acc_d = acc.data() + d * P;
-            for (int64_t p = p0; p < p1; ++p) acc_d[p] += w[p] * col;
+          if constexpr (DC != 3) {
+            for (int64_t d = 0; d < D; ++d) {
+              const T col = cl[g * D + d];
+              T* acc_d = acc.data() + d * P;
+              for (int64_t p = p0; p < p1; ++p) acc_d[p] += w[p] * col;
+            }
           }
-        }
         }
         n_act -= stops;
       }
@@ -350,86 +350,86 @@ void backward_impl(const T* m2, const T* cn, const T* cl, const T* opa, const T*
         }
         T s_xx = 0, s_xy = 0, s_yy = 0, s_x = 0, s_y = 0, s_op = 0, sc0 = 0, sc1 = 0, sc2 = 0, sc3 = 0;
         for (int st = lx0 / sw; st <= lx1 / sw; ++st) {  // the strips of the box, as forward
-        const int64_t p0 = (int64_t)st * sw * tile + (int64_t)ly0 * sw, p1 = p0 + (int64_t)(ly1 - ly0 + 1) * sw;
-        if constexpr (DC > 0) {
-          // Channel rows; channels beyond DC alias channel 0 and are never touched (if constexpr).
-          T* b0 = buf.data();
-          T* b1 = buf.data() + (DC > 1 ? 1 : 0) * P;
-          T* b2 = buf.data() + (DC > 2 ? 2 : 0) * P;
-          T* b3 = buf.data() + (DC > 3 ? 3 : 0) * P;
-          const T* v0 = vc.data();
-          const T* v1 = vc.data() + (DC > 1 ? 1 : 0) * P;
-          const T* v2 = vc.data() + (DC > 2 ? 2 : 0) * P;
-          const T* v3 = vc.data() + (DC > 3 ? 3 : 0) * P;
-          const T c0 = col[0], c1 = col[DC > 1 ? 1 : 0], c2 = col[DC > 2 ? 2 : 0], c3 = col[DC > 3 ? 3 : 0];
+          const int64_t p0 = (int64_t)st * sw * tile + (int64_t)ly0 * sw, p1 = p0 + (int64_t)(ly1 - ly0 + 1) * sw;
+          if constexpr (DC > 0) {
+            // Channel rows; channels beyond DC alias channel 0 and are never touched (if constexpr).
+            T* b0 = buf.data();
+            T* b1 = buf.data() + (DC > 1 ? 1 : 0) * P;
+            T* b2 = buf.data() + (DC > 2 ? 2 : 0) * P;
+            T* b3 = buf.data() + (DC > 3 ? 3 : 0) * P;
+            const T* v0 = vc.data();
+            const T* v1 = vc.data() + (DC > 1 ? 1 : 0) * P;
+            const T* v2 = vc.data() + (DC > 2 ? 2 : 0) * P;
+            const T* v3 = vc.data() + (DC > 3 ? 3 : 0) * P;
+            const T c0 = col[0], c1 = col[DC > 1 ? 1 : 0], c2 = col[DC > 2 ? 2 : 0], c3 = col[DC > 3 ? 3 : 0];
 #pragma omp simd reduction(+ : s_xx, s_xy, s_yy, s_x, s_y, s_op, sc0, sc1, sc2, sc3)
-          for (int64_t p = p0; p < p1; ++p) {
-            const T dx = mx - px[p], dy = my - py[p];
-            const T sigma = T(0.5) * (ca * dx * dx + cc * dy * dy) + cb * dx * dy;
-            const T vis = std::exp(-sigma);
-            const T alpha = std::min(Consts<T>::a_max, op * vis);
-            const bool use = (kl <= last[p]) & (sigma >= T(0)) & (alpha >= Consts<T>::a_min);
-            const T ra = T(1) / (T(1) - alpha);
-            const T Tp = use ? Tr[p] * ra : Tr[p];
-            Tr[p] = Tp;
-            const T fac = use ? alpha * Tp : T(0);
-            T v_a = va[p] * ra;
-            v_a += (c0 * Tp - b0[p] * ra) * v0[p];
-            sc0 += fac * v0[p];
-            b0[p] += c0 * fac;
-            if constexpr (DC > 1) {
-              v_a += (c1 * Tp - b1[p] * ra) * v1[p];
-              sc1 += fac * v1[p];
-              b1[p] += c1 * fac;
-            }
-            if constexpr (DC > 2) {
-              v_a += (c2 * Tp - b2[p] * ra) * v2[p];
-              sc2 += fac * v2[p];
-              b2[p] += c2 * fac;
-            }
-            if constexpr (DC > 3) {
-              v_a += (c3 * Tp - b3[p] * ra) * v3[p];
-              sc3 += fac * v3[p];
-              b3[p] += c3 * fac;
-            }
-            const bool grad_alpha = use & (op * vis <= Consts<T>::a_max);
-            const T v_sigma = grad_alpha ? -op * vis * v_a : T(0);
-            s_xx += v_sigma * dx * dx;
-            s_xy += v_sigma * dx * dy;
-            s_yy += v_sigma * dy * dy;
-            s_x += v_sigma * dx;
-            s_y += v_sigma * dy;
-            s_op += grad_alpha ? vis * v_a : T(0);
-          }
-        } else {
-          for (int64_t p = p0; p < p1; ++p) {
-            const T dx = mx - px[p], dy = my - py[p];
-            const T sigma = T(0.5) * (ca * dx * dx + cc * dy * dy) + cb * dx * dy;
-            const T vis = std::exp(-sigma);
-            const T alpha = std::min(Consts<T>::a_max, op * vis);
-            const bool use = (kl <= last[p]) & (sigma >= T(0)) & (alpha >= Consts<T>::a_min);
-            if (!use) continue;
-            const T ra = T(1) / (T(1) - alpha);
-            const T Tp = Tr[p] * ra;
-            Tr[p] = Tp;
-            const T fac = alpha * Tp;
-            T v_a = va[p] * ra;
-            for (int64_t d = 0; d < D; ++d) {
-              v_a += (col[d] * Tp - buf[d * P + p] * ra) * vc[d * P + p];
-              s_col[d] += fac * vc[d * P + p];
-              buf[d * P + p] += col[d] * fac;
-            }
-            if (op * vis <= Consts<T>::a_max) {
-              const T v_sigma = -op * vis * v_a;
+            for (int64_t p = p0; p < p1; ++p) {
+              const T dx = mx - px[p], dy = my - py[p];
+              const T sigma = T(0.5) * (ca * dx * dx + cc * dy * dy) + cb * dx * dy;
+              const T vis = std::exp(-sigma);
+              const T alpha = std::min(Consts<T>::a_max, op * vis);
+              const bool use = (kl <= last[p]) & (sigma >= T(0)) & (alpha >= Consts<T>::a_min);
+              const T ra = T(1) / (T(1) - alpha);
+              const T Tp = use ? Tr[p] * ra : Tr[p];
+              Tr[p] = Tp;
+              const T fac = use ? alpha * Tp : T(0);
+              T v_a = va[p] * ra;
+              v_a += (c0 * Tp - b0[p] * ra) * v0[p];
+              sc0 += fac * v0[p];
+              b0[p] += c0 * fac;
+              if constexpr (DC > 1) {
+                v_a += (c1 * Tp - b1[p] * ra) * v1[p];
+                sc1 += fac * v1[p];
+                b1[p] += c1 * fac;
+              }
+              if constexpr (DC > 2) {
+                v_a += (c2 * Tp - b2[p] * ra) * v2[p];
+                sc2 += fac * v2[p];
+                b2[p] += c2 * fac;
+              }
+              if constexpr (DC > 3) {
+                v_a += (c3 * Tp - b3[p] * ra) * v3[p];
+                sc3 += fac * v3[p];
+                b3[p] += c3 * fac;
+              }
+              const bool grad_alpha = use & (op * vis <= Consts<T>::a_max);
+              const T v_sigma = grad_alpha ? -op * vis * v_a : T(0);
               s_xx += v_sigma * dx * dx;
               s_xy += v_sigma * dx * dy;
               s_yy += v_sigma * dy * dy;
               s_x += v_sigma * dx;
               s_y += v_sigma * dy;
-              s_op += vis * v_a;
+              s_op += grad_alpha ? vis * v_a : T(0);
+            }
+          } else {
+            for (int64_t p = p0; p < p1; ++p) {
+              const T dx = mx - px[p], dy = my - py[p];
+              const T sigma = T(0.5) * (ca * dx * dx + cc * dy * dy) + cb * dx * dy;
+              const T vis = std::exp(-sigma);
+              const T alpha = std::min(Consts<T>::a_max, op * vis);
+              const bool use = (kl <= last[p]) & (sigma >= T(0)) & (alpha >= Consts<T>::a_min);
+              if (!use) continue;
+              const T ra = T(1) / (T(1) - alpha);
+              const T Tp = Tr[p] * ra;
+              Tr[p] = Tp;
+              const T fac = alpha * Tp;
+              T v_a = va[p] * ra;
+              for (int64_t d = 0; d < D; ++d) {
+                v_a += (col[d] * Tp - buf[d * P + p] * ra) * vc[d * P + p];
+                s_col[d] += fac * vc[d * P + p];
+                buf[d * P + p] += col[d] * fac;
+              }
+              if (op * vis <= Consts<T>::a_max) {
+                const T v_sigma = -op * vis * v_a;
+                s_xx += v_sigma * dx * dx;
+                s_xy += v_sigma * dx * dy;
+                s_yy += v_sigma * dy * dy;
+                s_x += v_sigma * dx;
+                s_y += v_sigma * dy;
+                s_op += vis * v_a;
+              }
             }
           }
-        }
         }
         if constexpr (DC > 0) {
           const T sc[4] = {sc0, sc1, sc2, sc3};

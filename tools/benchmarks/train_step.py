@@ -39,6 +39,8 @@ from splatting.trainer import _optimizers, _scheduler, build, train_step
 ROOT = Path(__file__).resolve().parents[2]
 FOX = ROOT.parent / "shared" / "data" / "fox"
 TRAINED = ROOT / "outputs" / "3dgs_fox" / "ckpt" / "latest.pt"  # written by the fox config's run
+# both workloads: SH degree 3 from the start, no densification in the timed window
+TIMING = ["model.sh_degree_interval=1", "strategy.refine_start_iter=100000", "train.progress=false"]
 
 
 def _time_steps(cfg: SplatConfig, ts, repeats: int, warmup: int = 4) -> list[float]:
@@ -54,13 +56,13 @@ def _time_steps(cfg: SplatConfig, ts, repeats: int, warmup: int = 4) -> list[flo
     return times
 
 
-def _trained_step_ms(overrides: list[str], repeats: int) -> float | None:
+def _trained_step_ms(repeats: int) -> float | None:
     """The median step on 100k Gaussians drawn (seeded) from a trained fox run's checkpoint, or None
     without one."""
     if not (FOX.exists() and TRAINED.exists()):
         return None
     cfg = load_config(ROOT / "configs" / "splatting" / "3dgs_fox.yaml", SplatConfig,
-                      overrides=overrides[:3] + ["model.init=random", "model.init_num_points=1000", f"data.root={FOX}"])
+                      overrides=TIMING + ["model.init=random", "model.init_num_points=1000", f"data.root={FOX}"])
     ts = build(cfg)
     trained = read_checkpoint(TRAINED)["model"]
     n = len(trained["means"])
@@ -77,9 +79,8 @@ def _trained_step_ms(overrides: list[str], repeats: int) -> float | None:
 def run(repeats: int = 10) -> dict:
     # 100k random Gaussians in a cube of the scene scale, starting at opacity 0.01 (the fox config before
     # it triangulated its initial points)
-    overrides = ["model.sh_degree_interval=1", "strategy.refine_start_iter=100000", "train.progress=false",
-                 "model.init=random", "model.init_num_points=100000", "model.init_extent=1.0",
-                 "model.init_opacity=0.01"]
+    overrides = TIMING + ["model.init=random", "model.init_num_points=100000", "model.init_extent=1.0",
+                          "model.init_opacity=0.01"]
     if FOX.exists():
         config = "3dgs_fox.yaml"
         overrides.append(f"data.root={FOX}")
@@ -117,6 +118,6 @@ def run(repeats: int = 10) -> dict:
         "ms_train_step": round(statistics.median(times) * 1e3, 1),
         "ms_render_fwd": round(statistics.median(fwd) * 1e3, 1),
         "ms_render_bwd": round(statistics.median(bwd) * 1e3, 1),
-        "ms_train_step_trained": _trained_step_ms(overrides, repeats),
+        "ms_train_step_trained": _trained_step_ms(repeats),
         "threads": torch.get_num_threads(),
     }
