@@ -131,6 +131,11 @@ def _check_inputs(means, quats, scales, opacities, colors, viewmats, Ks, width, 
             fail("colors", f"[{N}, K >= {k}, 3] SH coefficients for sh_degree={sh_degree}", colors)
     if backgrounds is not None and backgrounds.shape != (C, 3 if sh_degree is not None else colors.shape[-1]):
         fail("backgrounds", "[C, D]", backgrounds)
+    named = {"quats": quats, "scales": scales, "opacities": opacities, "colors": colors, "viewmats": viewmats,
+             "Ks": Ks, "backgrounds": backgrounds}
+    for name, t in named.items():
+        if t is not None and t.device != means.device:
+            raise DataError(f"rasterize: {name}: expected a tensor on {means.device} (where means is), got {t.device}")
     if not (isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0):
         raise DataError(f"rasterize: width, height: expected positive ints, got {width!r}, {height!r}")
     if not bool(torch.isfinite(means).all()):

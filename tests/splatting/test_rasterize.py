@@ -115,10 +115,11 @@ def test_binning_cpp_is_gsplat_binning_minus_empty_tiles():
 
 def _render(args, W, H, backend, sh_degree=None, **kw):
     a = [t.clone().requires_grad_(i < 5) for i, t in enumerate(args)]
-    bg = torch.tensor([[0.2, 0.5, 0.1], [0.9, 0.0, 0.3]], dtype=a[0].dtype)[: args[5].shape[0]].requires_grad_(True)
+    bg = torch.tensor([[0.2, 0.5, 0.1], [0.9, 0.0, 0.3]], dtype=a[0].dtype, device=a[0].device)
+    bg = bg[: args[5].shape[0]].requires_grad_(True)
     rgb, alpha, depth, meta = rasterize(*a, W, H, sh_degree=sh_degree, backgrounds=bg, backend=backend, **kw)
     # a realistic loss: means over pixels, as in training
-    w = torch.linspace(0.5, 1.5, 3, dtype=rgb.dtype)
+    w = torch.linspace(0.5, 1.5, 3, dtype=rgb.dtype, device=rgb.device)
     loss = (rgb * w).mean() + alpha.square().mean() + (0.0 if depth is None else 0.1 * depth.mean())
     loss.backward()
     grads = [x.grad for x in a[:5]] + [bg.grad]
@@ -227,6 +228,8 @@ def test_bad_inputs():
         rasterize(means, quats, scales, opac, colors, viewmats, Ks, W, H, render_mode="D")
     with pytest.raises(DataError, match="width"):
         rasterize(means, quats, scales, opac, colors, viewmats, Ks, 0, H)
+    with pytest.raises(DataError, match="Ks: expected a tensor on cpu"):
+        rasterize(means, quats, scales, opac, colors, viewmats, Ks.to("meta"), W, H)
 
 
 @pytest.mark.cuda
