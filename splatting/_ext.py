@@ -1,5 +1,6 @@
-"""Builds (at first use) and loads the C++ CPU kernels: the rasterizer (``csrc/raster_cpu.cpp``)
-and the Compact 3DGS kernels (``csrc/compact_cpu.cpp``), one extension.
+"""Builds (at first use) and loads the C++ CPU kernels: the rasterizer (``csrc/raster_cpu.cpp``,
+``csrc/projection_cpu.cpp``, ``csrc/sh_cpu.cpp``) and the Compact 3DGS kernels
+(``csrc/compact_cpu.cpp``), one extension.
 
 ``torch.utils.cpp_extension.load`` compiles it with the machine's g++ and ninja (about a minute,
 once) into torch's extension cache (``$TORCH_EXTENSIONS_DIR``, default
@@ -18,7 +19,7 @@ from pathlib import Path
 
 __all__ = ["cpu_ext"]
 
-_SRCS = [Path(__file__).resolve().parent / "csrc" / f for f in ("raster_cpu.cpp", "sh_cpu.cpp", "compact_cpu.cpp")]
+_SRCS = [Path(__file__).resolve().parent / "csrc" / f for f in ("raster_cpu.cpp", "projection_cpu.cpp", "sh_cpu.cpp", "compact_cpu.cpp")]
 _FLAGS = ["-O3", "-ffast-math", "-march=native", "-fopenmp"]
 _lock = threading.Lock()
 _ext = None

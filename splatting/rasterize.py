@@ -75,6 +75,34 @@ class _RasterizeCPU(torch.autograd.Function):
                 g[:, 5].reshape(C, N), v_bg, None, None, None, None, None, None)
 
 
+class _ProjectCPU(torch.autograd.Function):
+    """:func:`~splatting.projection.project_gaussians` of the Gaussians ``ids`` with the C++ kernel
+    (``csrc/projection_cpu.cpp``), scattered to ``[C, N]`` (zeros elsewhere, radius 0) as
+    :func:`_project_candidates` builds it; analytic backward to means, quats and scales (not to the
+    cameras). Returns ``(means2d, conics, depths, radii, compensations or None)``.
+    """
+
+    @staticmethod
+    def forward(ctx, means, quats, scales, viewmats, Ks, ids, width, height, eps2d, near_plane, far_plane,
+                radius_clip, antialiased):
+        args = (means.detach().contiguous(), quats.detach().contiguous(), scales.detach().contiguous(),
+                viewmats.detach(), Ks.detach(), ids)
+        m2, conics, depths, radii, comps = cpu_ext().project_forward(*args, width, height, eps2d, near_plane,
+                                                                     far_plane, radius_clip, antialiased)
+        ctx.save_for_backward(*args)
+        ctx.consts = (width, height, eps2d, antialiased)
+        ctx.mark_non_differentiable(radii)
+        return m2, conics, depths, radii, comps if antialiased else None
+
+    @staticmethod
+    def backward(ctx, v_m2, v_conics, v_depths, _v_radii, v_comps):
+        width, height, eps2d, antialiased = ctx.consts
+        v_comps = v_comps if antialiased and v_comps is not None else v_m2.new_zeros(0)
+        v_means, v_quats, v_scales = cpu_ext().project_backward(*ctx.saved_tensors, width, height, eps2d, v_m2,
+                                                                v_conics, v_depths, v_comps)
+        return (v_means, v_quats, v_scales) + (None,) * 10
+
+
 class _SHColorsCPU(torch.autograd.Function):
     """SH colours (before the 0.5 offset) with the C++ kernel (``csrc/sh_cpu.cpp``), fused with the
     gather ``coeffs[gid]``; the same values as :func:`splatting.sh.eval_sh`. For 78k of 100k
@@ -143,14 +171,19 @@ def _check_inputs(means, quats, scales, opacities, colors, viewmats, Ks, width, 
 
 
 def _project_candidates(means, quats, scales, viewmats, Ks, width, height, eps2d, near_plane, far_plane,
-                        radius_clip, antialiased) -> Projection:
+                        radius_clip, antialiased, kernel: bool) -> Projection:
     """:func:`project_gaussians` on the Gaussians :func:`maybe_visible` keeps, scattered back to ``[C, N]``.
 
     The culled ones get radius 0 and zeros elsewhere, as the full projection would give them (their
     values are never read); with a quarter of a scene in view this is 3x less projection work.
+    ``kernel``: with the C++ kernel (:class:`_ProjectCPU`), which gathers and scatters itself;
+    cameras that need gradients (``viewmats`` or ``Ks`` with ``requires_grad``) fall back to torch.
     """
     keep = torch.nonzero(maybe_visible(means.detach(), scales.detach(), viewmats, Ks, width, height, eps2d,
                                        near_plane, far_plane)).squeeze(1)
+    if kernel and not (viewmats.requires_grad or Ks.requires_grad):
+        return Projection(*_ProjectCPU.apply(means, quats, scales, viewmats, Ks, keep, width, height, eps2d,
+                                             near_plane, far_plane, radius_clip, antialiased))
     N = means.shape[0]
     if len(keep) > 0.8 * N:
         return project_gaussians(means, quats, scales, viewmats, Ks, width, height, eps2d, near_plane, far_plane,
@@ -233,7 +266,7 @@ def rasterize(
     C = viewmats.shape[0]
     N = means.shape[0]
     proj = _project_candidates(means, quats, scales, viewmats, Ks, width, height, eps2d, near_plane, far_plane,
-                               radius_clip, rasterize_mode == "antialiased")
+                               radius_clip, rasterize_mode == "antialiased", kernel=backend == "cpu")
     opac = opacities[None].expand(C, N)
     if proj.compensations is not None:
         opac = opac * proj.compensations

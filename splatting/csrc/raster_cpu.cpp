@@ -519,6 +519,14 @@ std::vector<torch::Tensor> hash_encode_backward(torch::Tensor x, torch::Tensor t
                                                 torch::Tensor dense, torch::Tensor grad_out);
 torch::Tensor nearest_codeword(torch::Tensor x, torch::Tensor codebook);
 // csrc/sh_cpu.cpp
+std::vector<torch::Tensor> project_forward(torch::Tensor means, torch::Tensor quats, torch::Tensor scales,
+                                           torch::Tensor viewmats, torch::Tensor Ks, torch::Tensor ids, int64_t width,
+                                           int64_t height, double eps2d, double near_plane, double far_plane,
+                                           double radius_clip, bool antialiased);
+std::vector<torch::Tensor> project_backward(torch::Tensor means, torch::Tensor quats, torch::Tensor scales,
+                                            torch::Tensor viewmats, torch::Tensor Ks, torch::Tensor ids, int64_t width,
+                                            int64_t height, double eps2d, torch::Tensor v_means2d,
+                                            torch::Tensor v_conics, torch::Tensor v_depths, torch::Tensor v_comps);
 torch::Tensor sh_forward(torch::Tensor dirs, torch::Tensor coeffs, torch::Tensor ids, int64_t degree);
 torch::Tensor sh_backward(torch::Tensor dirs, torch::Tensor coeffs, torch::Tensor ids, int64_t degree,
                           torch::Tensor v_out, torch::Tensor v_coeffs);
@@ -527,6 +535,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hash_encode_forward", &hash_encode_forward, "multi-resolution hash encoding, forward");
   m.def("hash_encode_backward", &hash_encode_backward, "multi-resolution hash encoding, d x and d table");
   m.def("nearest_codeword", &nearest_codeword, "index of the nearest codeword of every row");
+  m.def("project_forward", &project_forward, "EWA projection of the candidate Gaussians into every camera");
+  m.def("project_backward", &project_backward, "analytic backward of project_forward");
   m.def("sh_forward", &sh_forward, "SH colours of the visible Gaussians (gathered by id)");
   m.def("sh_backward", &sh_backward, "analytic backward of sh_forward");
   m.def("bin_gaussians", &bin_gaussians, "per-tile Gaussian lists sorted by depth, and each Gaussian's alpha box");
