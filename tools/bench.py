@@ -14,12 +14,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from perception3d.errors import ConfigError, DataError  # noqa: E402
+
 
 def available() -> list[str]:
     return sorted(p.stem for p in (HERE / "benchmarks").glob("*.py") if not p.stem.startswith("_"))
 
 
-def main() -> None:
+def main() -> int:
     names = available()
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("name", choices=names)
@@ -28,9 +30,14 @@ def main() -> None:
     spec = importlib.util.spec_from_file_location(f"bench_{args.name}", HERE / "benchmarks" / f"{args.name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    result = mod.run(repeats=args.repeats)
+    try:
+        result = mod.run(repeats=args.repeats)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(result))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
