@@ -112,8 +112,10 @@ class StrategyConfig:
         grow_grad2d: clone / split Gaussians whose mean image-plane gradient exceeds this.
         grow_scale3d: clone if the largest scale is below this x scene scale, else split.
         prune_scale3d: prune Gaussians larger than this x scene scale (after the first reset).
-        refine_start_iter, refine_stop_iter, refine_every: when densification runs.
-        reset_every: opacities are reset to ``2 * prune_opa`` every this many steps.
+        refine_start_iter, refine_stop_iter, refine_every: when densification runs (never at the
+            run's last step, where nothing would train after it).
+        reset_every: opacities are reset to ``2 * prune_opa`` every this many steps before
+            ``refine_stop_iter`` (never at the last step); an eval that falls on a reset is skipped.
         absgrad: use absolute gradients (AbsGS); then ``grow_grad2d`` should be ~0.0008.
         revised_opacity: Rota Bulo et al.'s opacity correction when splitting.
     """

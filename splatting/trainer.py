@@ -126,7 +126,8 @@ def _strategy(cfg: SplatConfig):
                           "the CPU rasterizer provides plain gradients")
     return DefaultStrategy(prune_opa=s.prune_opa, grow_grad2d=s.grow_grad2d, grow_scale3d=s.grow_scale3d,
                            prune_scale3d=s.prune_scale3d, refine_start_iter=s.refine_start_iter,
-                           refine_stop_iter=s.refine_stop_iter, reset_every=s.reset_every,
+                           # no densification or opacity reset at the last step: nothing would train after it
+                           refine_stop_iter=min(s.refine_stop_iter, cfg.train.max_steps), reset_every=s.reset_every,
                            refine_every=s.refine_every, absgrad=s.absgrad, revised_opacity=s.revised_opacity,
                            verbose=False)
 
@@ -336,7 +337,7 @@ def _prune_masked(cfg: SplatConfig, ts: TrainState, it: int) -> None:
     """Remove masked Gaussians at every densification step and every ``prune_every`` steps after."""
     from gsplat.strategy.ops import remove
 
-    s = cfg.strategy
+    s = ts.strategy
     refining = s.refine_start_iter < it < s.refine_stop_iter and it % s.refine_every == 0
     if refining or (it >= s.refine_stop_iter and it % cfg.compact.prune_every == 0):
         masked = ts.compact.masked(ts.params)
@@ -376,9 +377,13 @@ def train(cfg: SplatConfig, out_dir: str | Path, resume: bool = False) -> dict:
                 logger.log(done, scalars)
                 window.clear()
             if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != T:
-                metrics = evaluate_views(snapshot(ts), ts.test_set, cfg,
-                                         out_dir / "renders" / f"step_{done:08d}", lpips, ts.device)
-                logger.log(done, metrics, split="eval")
+                if done < ts.strategy.refine_stop_iter and done % ts.strategy.reset_every == 0:
+                    logger.message(f"[splatting] eval at step {done} skipped: this step reset every opacity to "
+                                   f"{2 * ts.strategy.prune_opa:g} (strategy.reset_every), so it would score the reset")
+                else:
+                    metrics = evaluate_views(snapshot(ts), ts.test_set, cfg,
+                                             out_dir / "renders" / f"step_{done:08d}", lpips, ts.device)
+                    logger.log(done, metrics, split="eval")
             if (cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0) or done == T:
                 last_ckpt = _save_checkpoint(ckpts, done, ts, cfg)
     finally:

@@ -66,6 +66,19 @@ def test_training_learns_and_densifies(trained):
     assert json.loads((out / "metrics.json").read_text())["metrics"]["psnr"] == pytest.approx(after["psnr"])
 
 
+def test_no_opacity_reset_at_the_last_step_and_no_eval_of_a_reset(scene_root, tmp_path):
+    # resets at steps 20 and 40 by the config; 40 is the last step, and the eval at 20 would score a reset
+    cfg = tiny_cfg(scene_root, "train.max_steps=40", "train.eval_every=20", "strategy.reset_every=20",
+                   "strategy.refine_stop_iter=1000")
+    trainer.train(cfg, tmp_path)
+    logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert not any(rec.get("split") == "eval" for rec in logged)
+    assert any("eval at step 20 skipped" in rec.get("message", "") for rec in logged)
+    opacity = torch.sigmoid(_params(tmp_path / "ckpt" / "latest.pt")["opacities"])
+    reset_value = 2 * cfg.strategy.prune_opa
+    assert float(opacity.max()) > 2 * reset_value  # a reset at step 40 would clamp every opacity to reset_value
+
+
 def test_resume_reaches_the_uninterrupted_weights(trained, scene_root, tmp_path, monkeypatch):
     cfg, out, _ = trained
     real_step = trainer.train_step
