@@ -53,7 +53,7 @@ class ModelConfig:
         backbone: ``"second"``: the SECOND sparse-conv backbone on hard voxels (fields
             ``backbone3d_*``); ``"dsvt"``: the DSVT transformer (:mod:`detection.models.dsvt`) on
             dynamic voxels, the voxel grid being its pillar (``Z = 1``) or voxel grid, at BEV
-            stride 1.
+            stride ``dsvt.bev_patch``.
         dsvt: :class:`~detection.models.dsvt.DSVTOptions` of the ``dsvt`` backbone.
         backbone3d_channels: channels of the four stages of the sparse 3D backbone.
         backbone3d_out_channels: channels of the backbone's last (z-collapsing) conv; the BEV map
@@ -112,7 +112,7 @@ class ModelConfig:
         for ls, us in zip(self.bev_layer_strides, self.bev_upsample_strides):
             cum *= ls
             factors.append(cum / us if us >= 1 else cum * round(1 / us))
-        stride3d = self.backbone3d_stride if self.backbone == "second" else 1
+        stride3d = self.backbone3d_stride if self.backbone == "second" else self.dsvt.bev_patch
         return int(round(stride3d * factors[0]))
 
     @property

@@ -52,9 +52,19 @@ Attention-style 3D pooling (voxel variant)
 Between stages voxels are grouped by ``(b, z // pz, y // py, x // px)``; each group's feature-wise
 max is the query of one attention over the group's voxels (keys and values, empty slots masked),
 and ``LN(max + attn)`` is the pooled voxel's feature. The pillar variant has one stage and no
-pooling. The voxel variant's BEV map folds the last stage's height levels: each BEV cell's levels,
-concatenated, go through one linear layer back to ``d_model`` channels
-(:meth:`DSVTBackbone.fold_heights`).
+pooling.
+
+BEV map
+-------
+The last stage's voxels become a dense BEV map of ``d_model`` channels whose cells are
+``bev_patch x bev_patch`` voxel columns. When a cell holds more than one voxel position (the voxel
+variant's ``Z'`` height levels, or ``bev_patch > 1``), the cell's positions, concatenated, go
+through one linear layer back to ``d_model`` channels (:meth:`DSVTBackbone.fold_bev`): a
+``bev_patch``-strided ``bev_patch x bev_patch`` convolution over the levels' stacked channels,
+evaluated per occupied voxel, so that fine pillars (e.g. 0.2 m) feed a coarser BEV backbone
+without a dense map at their own resolution (with 0.2 m pillars, a dense map and a strided 3x3
+convolution took 1.5 s of a 2.7 s training step on 2 cores; the fold takes 0.15 s) and without dropping any voxel (a 3x3 convolution of stride 4
+never reads 7 of every 16 cells).
 """
 from __future__ import annotations
 
@@ -99,6 +109,8 @@ class DSVTOptions:
         stage_blocks: DSVT blocks per stage (each block = two set-attention layers); stages after
             the first start with attention-style 3D pooling. One stage = the pillar variant.
         pool_size: ``(x, y, z)`` pooling window between stages (voxel variant).
+        bev_patch: BEV cells of ``bev_patch x bev_patch`` last-stage voxels (see "BEV map" in the
+            module docstring); the BEV map's stride in input voxels.
     """
 
     d_model: int = 192
@@ -109,6 +121,7 @@ class DSVTOptions:
     shifted_window_shape: tuple[int, int, int] = (24, 24, 1)
     stage_blocks: tuple[int, ...] = (4,)
     pool_size: tuple[int, int, int] = (1, 1, 2)
+    bev_patch: int = 1
 
     def __post_init__(self) -> None:
         if self.d_model % self.num_heads:
@@ -117,6 +130,8 @@ class DSVTOptions:
             v = getattr(self, name)
             if len(v) != 3 or min(v) < 1:
                 raise ConfigError(f"DSVTOptions.{name}: expected 3 positive ints (x, y, z), got {v!r}")
+        if self.bev_patch < 1:
+            raise ConfigError(f"DSVTOptions.bev_patch: expected a positive int, got {self.bev_patch!r}")
         if self.set_size < 1 or not self.stage_blocks or min(self.stage_blocks) < 1:
             raise ConfigError(f"DSVTOptions: set_size and every stage_blocks entry must be >= 1, got "
                               f"{self.set_size!r} and {self.stage_blocks!r}")
@@ -395,9 +410,9 @@ class DSVTBackbone(nn.Module):
         spatial_shape: input grid ``(Z, Y, X)``.
         opts: :class:`DSVTOptions`.
 
-    ``forward(voxels)`` returns ``(bev [B, d_model, Y, X], 1)`` like the sparse-conv backbone:
-    pillars scattered into the BEV grid, or (voxel variant) the ``Z'`` height levels of the last
-    stage folded by :meth:`fold_heights`.
+    ``forward(voxels)`` returns ``(bev [B, d_model, Y', X'], bev_patch)`` like the sparse-conv
+    backbone (the map and its stride): pillars scattered into the BEV grid, or, when a BEV cell
+    holds several voxel positions, the last stage's voxels folded by :meth:`fold_bev`.
     """
 
     def __init__(self, in_channels: int, spatial_shape: Sequence[int], opts: DSVTOptions = DSVTOptions()) -> None:
@@ -418,18 +433,18 @@ class DSVTBackbone(nn.Module):
             Z, Y, X = shapes[-1]
             shapes.append((-(-Z // pz), -(-Y // py), -(-X // px)))
         self.stage_shapes: list[tuple[int, int, int]] = shapes
-        # voxel variant: the last stage's Z' height levels of a BEV cell, concatenated, are
-        # projected back to d channels (a 1x1 conv on the [Z' * d] map, applied to occupied cells
-        # only): a d-channel BEV map costs the 2D backbone's first conv a quarter of Z' = 4 * d
-        Z_out = shapes[-1][0]
-        self.height_fold = nn.Linear(Z_out * d, d, bias=False) if Z_out > 1 else None
+        # the Z' levels x bev_patch^2 columns of a BEV cell, concatenated, are projected back to d
+        # channels: a d-channel BEV map costs the 2D backbone's first conv a fraction of Z' * d
+        positions = shapes[-1][0] * opts.bev_patch ** 2
+        self.bev_fold = nn.Linear(positions * d, d, bias=False) if positions > 1 else None
         self._part_len = 2 * len(_bucket_caps(opts.set_size)) + 2  # tensors per window configuration
 
     @property
     def bev_shape(self) -> tuple[int, int, int]:
         """``(C, H, W)`` of the BEV map."""
         _, Y, X = self.stage_shapes[-1]
-        return (self.opts.d_model, Y, X)
+        p = self.opts.bev_patch
+        return (self.opts.d_model, -(-Y // p), -(-X // p))
 
     def _configs(self):
         o = self.opts
@@ -484,26 +499,33 @@ class DSVTBackbone(nn.Module):
 
     def forward(self, voxels: SparseVoxels) -> tuple[torch.Tensor, int]:
         out = self.forward_sparse(voxels)
-        if self.height_fold is None:
+        if self.bev_fold is None:
             return out.dense().squeeze(2), 1  # pillars: [B, C, 1, Y, X] -> [B, C, Y, X]
-        return self.fold_heights(out), 1
+        return self.fold_bev(out), self.opts.bev_patch
 
-    def fold_heights(self, out: SparseVoxels) -> torch.Tensor:
-        """Dense BEV ``[B, d, Y, X]`` of the last stage's voxels: ``height_fold`` applied to each
-        BEV cell's ``Z'`` height levels concatenated (absent levels count as zeros).
+    def fold_bev(self, out: SparseVoxels) -> torch.Tensor:
+        """Dense BEV ``[B, d, Y', X']`` of the last stage's voxels: ``bev_fold`` applied to each
+        BEV cell's ``Z' x p x p`` voxel positions concatenated (absent ones count as zeros), i.e.
+        a ``p x p`` convolution of stride ``p`` (``p = bev_patch``) over the ``[B, Z' * d, Y, X]``
+        map of stacked height levels, with weight ``bev_fold.weight.view(d, Z' * d, p, p)``.
 
-        Computed per voxel as ``W_z @ feat`` (``W_z`` the weight columns of level ``z``) summed into
-        its cell, which equals the fold of the concatenation without building the ``[B, Z' * d,
-        Y, X]`` map.
+        Computed per voxel as ``W_k @ feat`` (``W_k`` the weight columns of the voxel's position
+        ``k`` in its cell) summed into its cell, without building the dense ``[B, Z' * d, Y, X]``
+        map.
         """
         Z, Y, X = self.stage_shapes[-1]
-        d = self.opts.d_model
+        d, p = self.opts.d_model, self.opts.bev_patch
+        _, Yc, Xc = self.bev_shape
         b, z, y, x = out.coords.long().unbind(1)
-        w = self.height_fold.weight.view(d, Z, d).transpose(0, 1).reshape(Z * d, d)  # row z*d+o: W_z[o]
-        per_level = F.linear(out.feats, w).view(-1, Z, d)
-        folded = per_level[torch.arange(len(z), device=z.device), z]
-        bev = out.feats.new_zeros(out.batch_size * Y * X, d).index_add(0, (b * Y + y) * X + x, folded)
-        return bev.view(out.batch_size, Y, X, d).permute(0, 3, 1, 2).contiguous()
+        K = Z * p * p
+        # row k * d + o holds W[o, z, :, dy, dx] for position k = (z * p + dy) * p + dx
+        w = self.bev_fold.weight.view(d, Z, d, p, p).permute(1, 3, 4, 0, 2).reshape(K * d, d)
+        k = (z * p + y % p) * p + x % p
+        per_position = F.linear(out.feats, w).view(-1, K, d)
+        folded = per_position[torch.arange(len(k), device=k.device), k]
+        cell = (b * Yc + y // p) * Xc + x // p
+        bev = out.feats.new_zeros(out.batch_size * Yc * Xc, d).index_add(0, cell, folded)
+        return bev.view(out.batch_size, Yc, Xc, d).permute(0, 3, 1, 2).contiguous()
 
 
 class _Runner(nn.Module):

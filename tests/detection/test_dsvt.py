@@ -2,6 +2,7 @@
 nn.MultiheadAttention per set, permutation invariance, pooling, ONNX export."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -212,19 +213,27 @@ def test_backbone_is_invariant_to_voxel_order():
     assert bev_a.shape == (2, 32, 30, 26) and (bev_a - bev_b).abs().max().item() <= 1e-5
 
 
-def test_height_fold_equals_a_1x1_conv_on_the_concatenated_heights():
+@pytest.mark.parametrize("stage_blocks, patch, shape", [((1, 1), 1, (4, 30, 26)), ((1, 1), 2, (4, 30, 26)),
+                                                       ((1,), 4, (1, 30, 26))])
+def test_bev_fold_equals_a_strided_conv_on_the_stacked_heights(stage_blocks, patch, shape):
+    """The voxel variant's height fold (patch 1), heights and 2x2 cells, and 0.2 m-style pillars
+    folded into 4x4 cells (30 x 26 not divisible by 4: the last row and column of cells are partial)."""
     torch.manual_seed(0)
-    coords = random_coords(5)
-    net = DSVTBackbone(5, (4, 30, 26), SMALL).eval()
+    coords = random_coords(5, shape)
+    opts = dataclasses.replace(SMALL, stage_blocks=stage_blocks, bev_patch=patch)
+    net = DSVTBackbone(5, shape, opts).eval()
     with torch.no_grad():
-        out = net.forward_sparse(SparseVoxels(torch.randn(len(coords), 5), coords, (4, 30, 26), 2))
-        bev, _ = net(SparseVoxels(torch.randn(len(coords), 5), coords, (4, 30, 26), 2))
+        feats = torch.randn(len(coords), 5)
+        out = net.forward_sparse(SparseVoxels(feats, coords, shape, 2))
+        bev, stride = net(SparseVoxels(feats, coords, shape, 2))
         dense = out.dense()  # [B, C, Z', Y, X]; the reference stacks the levels z-major, c minor
-        stacked = dense.permute(0, 2, 1, 3, 4).reshape(2, -1, 30, 26)
-        ref = torch.nn.functional.conv2d(stacked, net.height_fold.weight[:, :, None, None])
-        ours = net.fold_heights(out)
-    assert out.spatial_shape[0] == 2 and bev.shape == ours.shape == (2, 32, 30, 26)
-    assert (ours - ref).abs().max().item() <= 1e-5 and ref.abs().max().item() > 0.1
+        Z = dense.shape[2]
+        stacked = dense.permute(0, 2, 1, 3, 4).reshape(2, Z * 32, 30, 26)
+        stacked = torch.nn.functional.pad(stacked, (0, -26 % patch, 0, -30 % patch))
+        ref = torch.nn.functional.conv2d(stacked, net.bev_fold.weight.view(32, Z * 32, patch, patch), stride=patch)
+    assert stride == patch and bev.shape == ref.shape == (2, 32, -(-30 // patch), -(-26 // patch))
+    assert net.bev_shape == bev.shape[1:]
+    assert (bev - ref).abs().max().item() <= 1e-5 and ref.abs().max().item() > 0.1
 
 
 def test_pool_groups_matches_unique_rows():
