@@ -38,6 +38,7 @@ def run(repeats: int = 5) -> dict:
     if not has_gsplat_cuda():
         raise DataError("bench gsplat_parity: needs a CUDA GPU and the gsplat package (this machine has "
                         f"torch.cuda.is_available()={torch.cuda.is_available()})")
+    cuda = torch.device("cuda")  # gsplat's side of the comparison
     gs, viewmats, Ks, W, H, source = _load_scene()
     weights = torch.rand(len(viewmats), H, W, 3, generator=torch.Generator().manual_seed(1))
     base = (gs.means, gs.quats, gs.scales_log, gs.opacities_logit, gs.sh0, gs.shN)
@@ -58,7 +59,7 @@ def run(repeats: int = 5) -> dict:
               "cpu_threads": torch.get_num_threads()}
     for mode, rmode in MODES:
         cpu, g_cpu, r_cpu = render("cpu", mode, rmode)
-        gpu, g_gpu, r_gpu = render("cuda", mode, rmode)
+        gpu, g_gpu, r_gpu = render(cuda, mode, rmode)
         diffs = [(a - b).abs().flatten() for a, b in zip(cpu, gpu)]
         result[f"{mode}/{rmode}"] = {
             "radii_equal": float((r_cpu == r_gpu).float().mean()),
@@ -68,8 +69,8 @@ def run(repeats: int = 5) -> dict:
             "max_rel_err_grads": {n: float((a - b).abs().max() / b.abs().max()) for n, a, b in zip(GRADS, g_cpu, g_gpu)},
         }
 
-    params = [t.detach().cuda().clone().requires_grad_(True) for t in base]
-    vm, K, wt = viewmats.cuda(), Ks.cuda(), weights.cuda()
+    params = [t.detach().to(cuda).clone().requires_grad_(True) for t in base]
+    vm, K, wt = viewmats.to(cuda), Ks.to(cuda), weights.to(cuda)
 
     def timed(backward: bool) -> float:
         def once():
