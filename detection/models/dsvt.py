@@ -63,8 +63,8 @@ through one linear layer back to ``d_model`` channels (:meth:`DSVTBackbone.fold_
 ``bev_patch``-strided ``bev_patch x bev_patch`` convolution over the levels' stacked channels,
 evaluated per occupied voxel, so that fine pillars (e.g. 0.2 m) feed a coarser BEV backbone
 without a dense map at their own resolution (with 0.2 m pillars, a dense map and a strided 3x3
-convolution took 1.5 s of a 2.7 s training step on 2 cores; the fold takes 0.15 s) and without dropping any voxel (a 3x3 convolution of stride 4
-never reads 7 of every 16 cells).
+convolution took 1.5 s of a 2.7 s training step on 2 cores; the fold takes 0.15 s) and without
+dropping any voxel (a 3x3 convolution of stride 4 never reads 7 of every 16 cells).
 """
 from __future__ import annotations
 
@@ -513,7 +513,7 @@ class DSVTBackbone(nn.Module):
         ``k`` in its cell) summed into its cell, without building the dense ``[B, Z' * d, Y, X]``
         map.
         """
-        Z, Y, X = self.stage_shapes[-1]
+        Z = self.stage_shapes[-1][0]
         d, p = self.opts.d_model, self.opts.bev_patch
         _, Yc, Xc = self.bev_shape
         b, z, y, x = out.coords.long().unbind(1)
