@@ -49,7 +49,10 @@ class ModelConfig:
         max_voxels_test: voxels kept per frame in eval mode.
         vfe: voxel feature encoder of the ``second`` backbone; ``"mean"``: the mean of the voxel's
             points. The ``dsvt`` backbone always encodes dynamic voxels with a
-            :class:`~perception3d.ops.voxelize.PillarVFE` of width ``dsvt.d_model``.
+            :class:`~perception3d.ops.voxelize.PillarVFE` (see ``pillar_vfe_filters``).
+        pillar_vfe_filters: PFN layer widths of the ``dsvt`` backbone's pillar VFE (DSVT's:
+            ``[128, 128]``); empty: one layer of width ``dsvt.d_model``. A last width other than
+            ``dsvt.d_model`` is mapped to it by the backbone's input linear layer.
         backbone: ``"second"``: the SECOND sparse-conv backbone on hard voxels (fields
             ``backbone3d_*``); ``"dsvt"``: the DSVT transformer (:mod:`detection.models.dsvt`) on
             dynamic voxels, the voxel grid being its pillar (``Z = 1``) or voxel grid, at BEV
@@ -73,6 +76,7 @@ class ModelConfig:
     max_voxels_train: int = 40000
     max_voxels_test: int = 40000
     vfe: Literal["mean"] = "mean"
+    pillar_vfe_filters: tuple[int, ...] = ()
     backbone: Literal["second", "dsvt"] = "second"
     dsvt: DSVTOptions = field(default_factory=DSVTOptions)
     backbone3d_channels: tuple[int, int, int, int] = (16, 32, 64, 64)
@@ -141,9 +145,9 @@ class CenterPointDetector(nn.Module):
                 cfg.num_point_features, cfg.grid_size, channels=cfg.backbone3d_channels,
                 out_channels=cfg.backbone3d_out_channels, bev_stride=cfg.backbone3d_stride)
         else:
-            d = cfg.dsvt.d_model
-            self.vfe = PillarVFE(cfg.num_point_features, d, cfg.voxel_size_m, cfg.pc_range_m)
-            self.backbone3d = DSVTBackbone(d, cfg.grid_size, cfg.dsvt)
+            filters = cfg.pillar_vfe_filters or (cfg.dsvt.d_model,)
+            self.vfe = PillarVFE(cfg.num_point_features, filters, cfg.voxel_size_m, cfg.pc_range_m)
+            self.backbone3d = DSVTBackbone(self.vfe.out_channels, cfg.grid_size, cfg.dsvt)
         self.bev_backbone = BEVBackbone(
             self.backbone3d.bev_shape[0], cfg.bev_layer_nums, cfg.bev_layer_strides, cfg.bev_num_filters,
             cfg.bev_upsample_strides, cfg.bev_num_upsample_filters)

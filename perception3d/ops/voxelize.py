@@ -20,7 +20,7 @@ identical results (tested), on the points' device.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Sequence, Union
 
 import numba
 import numpy as np
@@ -351,15 +351,19 @@ class DynamicMeanVFE(nn.Module):
 
 
 class PillarVFE(nn.Module):
-    """PointPillars-style pillar feature net on dynamic voxels.
+    """PointPillars-style pillar feature net (stacked PFN layers) on dynamic voxels.
 
     Per point: its C input features, the offset of (x, y, z) to the mean of its voxel's points,
-    and the offset to the voxel's geometric centre (C + 6 features) -> Linear (no bias) ->
-    BatchNorm1d -> ReLU -> max over the points of each voxel (scatter ``amax``).
+    and the offset to the voxel's geometric centre (C + 6 features). Each PFN layer is Linear (no
+    bias) -> BatchNorm1d -> ReLU. A layer before the last has half its width and appends, to each
+    point, the max of that half over the point's voxel; the last layer's max over the voxel's
+    points (scatter ``amax``) is the voxel feature. One layer is the PointPillars encoder; DSVT
+    uses two (``filters=(128, 128)``).
 
     Args:
         in_channels: C, point feature size (x, y, z first).
-        out_channels: output feature size per voxel.
+        filters: output width of each PFN layer (an int: one layer); the last is the voxel
+            feature width. Layers before the last need an even width.
         voxel_size_m: ``(sx, sy, sz)`` in metres.
         pc_range_m: ``(x0, y0, z0, x1, y1, z1)`` in metres.
     """
@@ -367,7 +371,7 @@ class PillarVFE(nn.Module):
     def __init__(
         self,
         in_channels: int,
-        out_channels: int,
+        filters: Union[int, Sequence[int]],
         voxel_size_m: Sequence[float],
         pc_range_m: Sequence[float],
     ) -> None:
@@ -375,12 +379,17 @@ class PillarVFE(nn.Module):
         vs, pr = _check_size_range(voxel_size_m, pc_range_m)
         if in_channels < 3:
             raise DataError(f"PillarVFE.in_channels: expected >= 3 (x, y, z first), got {in_channels}")
+        filters = (filters,) if isinstance(filters, int) else tuple(int(f) for f in filters)
+        if not filters or min(filters) < 1 or any(f % 2 for f in filters[:-1]):
+            raise DataError(f"PillarVFE.filters: expected positive widths, even before the last, got {filters!r}")
         self.in_channels = in_channels
-        self.out_channels = out_channels
+        self.out_channels = filters[-1]
         self.register_buffer("voxel_size", torch.tensor(vs), persistent=False)
         self.register_buffer("origin", torch.tensor(pr[:3]), persistent=False)
-        self.linear = nn.Linear(in_channels + 6, out_channels, bias=False)
-        self.norm = nn.BatchNorm1d(out_channels, eps=1e-3, momentum=0.01)
+        widths = [f // 2 for f in filters[:-1]] + [filters[-1]]
+        inputs = [in_channels + 6, *filters[:-1]]
+        self.linears = nn.ModuleList(nn.Linear(i, w, bias=False) for i, w in zip(inputs, widths))
+        self.norms = nn.ModuleList(nn.BatchNorm1d(w, eps=1e-3, momentum=0.01) for w in widths)
 
     def point_features(
         self, points: torch.Tensor, point_to_voxel: torch.Tensor, coords: torch.Tensor
@@ -407,7 +416,7 @@ class PillarVFE(nn.Module):
             coords: [V, 3] int32 voxel coordinates ``(z, y, x)``.
 
         Returns:
-            [V, out_channels] voxel features (zeros for a voxel without points).
+            [V, filters[-1]] voxel features (zeros for a voxel without points).
         """
         _check_points(points)
         _check_p2v(points, point_to_voxel, "PillarVFE")
@@ -415,8 +424,12 @@ class PillarVFE(nn.Module):
             raise DataError(f"PillarVFE.points: expected {self.in_channels} channels, got {points.shape[1]}")
         if coords.dim() != 2 or coords.shape[1] != 3:
             raise DataError(f"PillarVFE.coords: expected [V, 3] (z, y, x), got {tuple(coords.shape)}")
-        feats = self.point_features(points, point_to_voxel, coords)
-        h = torch.relu(self.norm(self.linear(feats)))  # [M, out]
+        h = self.point_features(points, point_to_voxel, coords)
         idx = point_to_voxel[point_to_voxel >= 0]
-        out = h.new_zeros((coords.shape[0], self.out_channels))
-        return out.scatter_reduce(0, idx.unsqueeze(1).expand_as(h), h, "amax", include_self=False)
+        for i, (linear, norm) in enumerate(zip(self.linears, self.norms)):
+            h = torch.relu(norm(linear(h)))  # [M, w]
+            pooled = h.new_zeros((coords.shape[0], h.shape[1]))
+            pooled = pooled.scatter_reduce(0, idx.unsqueeze(1).expand_as(h), h, "amax", include_self=False)
+            if i == len(self.linears) - 1:
+                return pooled
+            h = torch.cat([h, pooled[idx]], dim=1)

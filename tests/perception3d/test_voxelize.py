@@ -163,34 +163,38 @@ def test_dynamic_mean_vfe_matches_naive():
     assert np.abs(feats.numpy() - ref).max() <= 1e-6
 
 
-def test_pillar_vfe_matches_naive():
+@pytest.mark.parametrize("filters", [16, (16, 8)], ids=["one_layer", "two_layers"])
+def test_pillar_vfe_matches_naive(filters):
     torch.manual_seed(0)
     pts = make_cloud(9)
     pillar_vs = (0.5, 0.25, 2.0)  # one voxel in z: pillars
     p2v, coords = voxelize_dynamic(pts, pillar_vs, PR)
     assert coords[:, 0].max().item() == 0
-    vfe = PillarVFE(4, 16, pillar_vs, PR).eval()
+    vfe = PillarVFE(4, filters, pillar_vs, PR).eval()
     with torch.no_grad():
-        vfe.norm.running_mean.uniform_(-0.5, 0.5)
-        vfe.norm.running_var.uniform_(0.5, 2.0)
+        for bn in vfe.norms:
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
         out = vfe(pts, p2v, coords)
-    # naive: per pillar, loop over its points
-    W = vfe.linear.weight.detach().double().numpy()
-    bn = vfe.norm
-    scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().double().numpy()
-    shift = (bn.bias - bn.running_mean * bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().double().numpy()
+    layers = []  # (W, BN scale, BN shift) per PFN layer, float64
+    for linear, bn in zip(vfe.linears, vfe.norms):
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        layers.append((linear.weight.detach().double().numpy(), scale.detach().double().numpy(),
+                       (bn.bias - bn.running_mean * scale).detach().double().numpy()))
+    # naive: per pillar, loop over its points, layer by layer
     P = pts.double().numpy()
-    ref = np.zeros((coords.shape[0], 16))
+    ref = np.zeros((coords.shape[0], vfe.out_channels))
     for v, (z, y, x) in enumerate(coords.tolist()):
         members = [i for i, pv in enumerate(p2v.tolist()) if pv == v]
         mean = P[members, :3].mean(axis=0)
         centre = np.array([(x + 0.5) * pillar_vs[0] + PR[0], (y + 0.5) * pillar_vs[1] + PR[1],
                            (z + 0.5) * pillar_vs[2] + PR[2]])
-        best = None
-        for i in members:
-            f = np.concatenate([P[i], P[i, :3] - mean, P[i, :3] - centre])
-            h = np.maximum((W @ f) * scale + shift, 0.0)
-            best = h if best is None else np.maximum(best, h)
+        feats = [np.concatenate([P[i], P[i, :3] - mean, P[i, :3] - centre]) for i in members]
+        for k, (W, scale, shift) in enumerate(layers):
+            feats = [np.maximum((W @ f) * scale + shift, 0.0) for f in feats]
+            best = np.max(feats, axis=0)
+            if k < len(layers) - 1:
+                feats = [np.concatenate([f, best]) for f in feats]
         ref[v] = best
     assert np.abs(out.numpy() - ref).max() <= 1e-4
 
@@ -199,11 +203,11 @@ def test_pillar_vfe_backward_and_train_mode():
     pts = make_cloud(10)
     pillar_vs = (0.5, 0.25, 2.0)
     p2v, coords = voxelize_dynamic(pts, pillar_vs, PR)
-    vfe = PillarVFE(4, 8, pillar_vs, PR)
+    vfe = PillarVFE(4, (8, 8), pillar_vs, PR)
     out = vfe(pts, p2v, coords)
     assert out.shape == (coords.shape[0], 8)
     out.sum().backward()
-    assert vfe.linear.weight.grad is not None and vfe.linear.weight.grad.abs().sum().item() > 0
+    assert vfe.linears[0].weight.grad is not None and vfe.linears[0].weight.grad.abs().sum().item() > 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
