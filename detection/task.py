@@ -22,7 +22,8 @@ from detection.structures import collate
 from perception3d.engine import distributed, fit, load_checkpoint, seed_everything
 from perception3d.io.atomic import atomic_write_text
 from perception3d.io.kitti import KittiDataset
-from perception3d.metrics.detection import FrameGT, kitti_ap, kitti_ap_by_distance, kitti_difficulty, nuscenes_map
+from perception3d.metrics.detection import (FrameGT, box_errors, kitti_ap, kitti_ap_by_distance, kitti_difficulty,
+                                           nuscenes_map)
 from perception3d.structures import CLASSES, Detections3D
 from perception3d.viz import draw_bev, draw_camera, save_figure
 
@@ -81,9 +82,11 @@ def predict(model, dataset: DetectionDataset, batch_size: int = 2, desc: str = "
 
 
 def evaluate_model(model, dataset: DetectionDataset, distance_bins_m=(0.0, 20.0, 40.0, 70.4)) -> tuple[dict, list]:
-    """KITTI 3D/BEV AP (R40), AP by distance and nuScenes-style mAP on `dataset`.
+    """KITTI 3D/BEV AP (R40), AP by distance, nuScenes-style mAP and the median errors of matched
+    boxes (`box_errors`: moderate GT, 2 m BEV matching) on `dataset`.
 
-    Returns `(metrics, detections)`; metric keys look like `Car/3d_R40/moderate`.
+    Returns `(metrics, detections)`; metric keys look like `Car/3d_R40/moderate`,
+    `Car/box_error_median/z_m`.
     """
     dets = predict(model, dataset, desc="eval")
     gts = [_val_frame_gt(dataset.kitti[i], dataset.classes, dataset.pc_range) for i in range(len(dataset))]
@@ -99,6 +102,9 @@ def evaluate_model(model, dataset: DetectionDataset, distance_bins_m=(0.0, 20.0,
             metrics[f"{cls}/3d_R40_by_distance/{rng}"] = float(ap)
     nus = nuscenes_map(gts, dets, classes=dataset.classes)
     metrics["nuscenes/mAP"] = float(nus["mAP"])
+    for cls, errs in box_errors(gts, dets, classes=dataset.classes).items():
+        for name, value in errs.items():
+            metrics[f"{cls}/box_error_median/{name}"] = float(value)
     return metrics, dets
 
 

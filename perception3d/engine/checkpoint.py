@@ -183,19 +183,21 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     state = read_checkpoint(path, map_location)
     target = unwrap_model(model)
     weights = state["model"]
-    own = target.state_dict()
-    missing = [k for k in own if k not in weights]
-    unexpected = [k for k in weights if k not in own]
-    shapes = [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in weights and hasattr(weights[k], "shape") and weights[k].shape != own[k].shape]
-    if shapes or (strict and (missing or unexpected)):
+    try:  # load_state_dict first: modules may rename the keys of older checkpoints as they load
+        target.load_state_dict(weights, strict=strict)
+    except RuntimeError as e:
+        own = target.state_dict()
+        missing = [k for k in own if k not in weights]
+        unexpected = [k for k in weights if k not in own]
+        shapes = [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in own if k in weights and hasattr(weights[k], "shape") and weights[k].shape != own[k].shape]
+
         def _ls(items: list[str]) -> str:
             return ", ".join(items[:20]) + (f", ... ({len(items)} in all)" if len(items) > 20 else "") or "none"
 
         raise DataError(f"{path}: checkpoint weights do not match {type(target).__name__}: "
                         f"missing keys: {_ls(missing)}; unexpected keys: {_ls(unexpected)}; "
-                        f"shape mismatches: {_ls(shapes)}")
-    target.load_state_dict(weights, strict=strict)
+                        f"shape mismatches: {_ls(shapes)}") from e
     if optimizer is not None:
         if state.get("optimizer") is None:
             raise DataError(f"{path}: checkpoint has no optimizer state to resume from")

@@ -391,6 +391,13 @@ class PillarVFE(nn.Module):
         self.linears = nn.ModuleList(nn.Linear(i, w, bias=False) for i, w in zip(inputs, widths))
         self.norms = nn.ModuleList(nn.BatchNorm1d(w, eps=1e-3, momentum=0.01) for w in widths)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints from before stacked layers name the one layer `linear` / `norm`
+        for old, new in (("linear.", "linears.0."), ("norm.", "norms.0.")):
+            for key in [k for k in state_dict if k.startswith(prefix + old)]:
+                state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def point_features(
         self, points: torch.Tensor, point_to_voxel: torch.Tensor, coords: torch.Tensor
     ) -> torch.Tensor:

@@ -11,6 +11,7 @@ from perception3d.errors import DataError
 from perception3d.metrics.detection import (
     FrameGT,
     average_precision_r40,
+    box_errors,
     kitti_ap,
     kitti_ap_by_distance,
     kitti_difficulty,
@@ -246,3 +247,31 @@ def test_nuscenes_ignores_difficulty_minus_one():
     res = nuscenes_map(gts, dets, classes=("Car",), dist_thresholds=(1.0,))
     # Counted: one TP at recall 1/2, precision 1 -> p = 1 for r <= 0.5: 40 of the 90 points.
     assert res["Car"][1.0] == pytest.approx(100 * 40 / 90, abs=1e-9)
+
+
+def test_box_errors_known_offsets():
+    # Three cars along x; detections with hand-made errors (each box its own):
+    # car 0: centre off by (0.3, 0.4) -> 0.5 m, z +0.2, yaw +0.1, same size
+    # car 1: centre exact, z -0.1, yaw wrapped (gt 3.1, det -3.1: 2*pi - 6.2 rad apart), length 4 -> 2
+    # car 2: its only detection 2.5 m away (no match); a hard car (difficulty 2) matched, not counted
+    gt = FrameGT(torch.tensor([_box(10.0, 0.0, yaw=0.3), _box(20.0, 0.0, yaw=3.1), _box(30.0, 0.0),
+                               _box(40.0, 0.0)]), torch.zeros(4, dtype=torch.int64), torch.tensor([0, 1, 1, 2]))
+    d0 = [10.3, 0.4, -0.8, 4.0, 1.8, 1.6, 0.4]
+    d1 = [20.0, 0.0, -1.1, 2.0, 1.8, 1.6, -3.1]
+    d2 = [32.5, 0.0, -1.0, 4.0, 1.8, 1.6, 0.3]
+    d3 = [40.0, 0.0, -1.0, 4.0, 1.8, 1.6, 1.3]
+    # a lower-scored, better box next to car 0 does not replace the highest-scoring match
+    worse = [10.0, 0.0, -1.0, 4.0, 1.8, 1.6, 0.3]
+    det = _dets([d0, d1, d2, d3, worse], [0.9, 0.8, 0.7, 0.6, 0.5], [0, 0, 0, 0, 0])
+    res = box_errors([gt], [det], classes=("Car",))["Car"]
+    assert res["matched"] == 2
+    assert res["centre_bev_m"] == pytest.approx(np.median([0.5, 0.0]))
+    assert res["z_m"] == pytest.approx(np.median([0.2, 0.1]))
+    # aligned IoU of a 4 m and a 2 m long car of equal width and height: 0.5
+    assert res["size"] == pytest.approx(np.median([0.0, 0.5]))
+    assert res["yaw_rad"] == pytest.approx(np.median([0.1, 2 * math.pi - 6.2]), abs=1e-6)  # float32 boxes
+    # with the hard car counted, the 1.0 rad heading error joins the median
+    res_hard = box_errors([gt], [det], classes=("Car",), max_difficulty=2)["Car"]
+    assert res_hard["matched"] == 3 and res_hard["yaw_rad"] == pytest.approx(0.1, abs=1e-6)
+    empty = box_errors([gt], [_dets(np.zeros((0, 7)), [], [])], classes=("Car",))["Car"]
+    assert empty["matched"] == 0 and math.isnan(empty["centre_bev_m"])

@@ -199,6 +199,20 @@ def test_pillar_vfe_matches_naive(filters):
     assert np.abs(out.numpy() - ref).max() <= 1e-4
 
 
+def test_pillar_vfe_loads_one_layer_checkpoints_of_before_stacking():
+    pts = make_cloud(11)
+    pillar_vs = (0.5, 0.25, 2.0)
+    p2v, coords = voxelize_dynamic(pts, pillar_vs, PR)
+    vfe = PillarVFE(4, 8, pillar_vs, PR).eval()
+    with torch.no_grad():
+        vfe.norms[0].running_mean.uniform_(-0.5, 0.5)
+    old = {k.replace("linears.0.", "linear.").replace("norms.0.", "norm."): v for k, v in vfe.state_dict().items()}
+    assert "linear.weight" in old and "norm.running_mean" in old
+    loaded = PillarVFE(4, 8, pillar_vs, PR).eval()
+    loaded.load_state_dict(old)
+    assert torch.equal(loaded(pts, p2v, coords), vfe(pts, p2v, coords))
+
+
 def test_pillar_vfe_backward_and_train_mode():
     pts = make_cloud(10)
     pillar_vs = (0.5, 0.25, 2.0)
