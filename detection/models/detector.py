@@ -53,6 +53,8 @@ class ModelConfig:
         pillar_vfe_filters: PFN layer widths of the ``dsvt`` backbone's pillar VFE (DSVT's:
             ``[128, 128]``); empty: one layer of width ``dsvt.d_model``. A last width other than
             ``dsvt.d_model`` is mapped to it by the backbone's input linear layer.
+        pillar_vfe_normalize: rescale the pillar VFE's input coordinates (``PillarVFE``'s
+            ``normalize_inputs``: absolute to ``[-1, 1]`` over the range, offsets in voxel sizes).
         backbone: ``"second"``: the SECOND sparse-conv backbone on hard voxels (fields
             ``backbone3d_*``); ``"dsvt"``: the DSVT transformer (:mod:`detection.models.dsvt`) on
             dynamic voxels, the voxel grid being its pillar (``Z = 1``) or voxel grid, at BEV
@@ -77,6 +79,7 @@ class ModelConfig:
     max_voxels_test: int = 40000
     vfe: Literal["mean"] = "mean"
     pillar_vfe_filters: tuple[int, ...] = ()
+    pillar_vfe_normalize: bool = False
     backbone: Literal["second", "dsvt"] = "second"
     dsvt: DSVTOptions = field(default_factory=DSVTOptions)
     backbone3d_channels: tuple[int, int, int, int] = (16, 32, 64, 64)
@@ -146,7 +149,8 @@ class CenterPointDetector(nn.Module):
                 out_channels=cfg.backbone3d_out_channels, bev_stride=cfg.backbone3d_stride)
         else:
             filters = cfg.pillar_vfe_filters or (cfg.dsvt.d_model,)
-            self.vfe = PillarVFE(cfg.num_point_features, filters, cfg.voxel_size_m, cfg.pc_range_m)
+            self.vfe = PillarVFE(cfg.num_point_features, filters, cfg.voxel_size_m, cfg.pc_range_m,
+                                 normalize_inputs=cfg.pillar_vfe_normalize)
             self.backbone3d = DSVTBackbone(self.vfe.out_channels, cfg.grid_size, cfg.dsvt)
         self.bev_backbone = BEVBackbone(
             self.backbone3d.bev_shape[0], cfg.bev_layer_nums, cfg.bev_layer_strides, cfg.bev_num_filters,

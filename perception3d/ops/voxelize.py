@@ -360,12 +360,19 @@ class PillarVFE(nn.Module):
     points (scatter ``amax``) is the voxel feature. One layer is the PointPillars encoder; DSVT
     uses two (``filters=(128, 128)``).
 
+    With ``normalize_inputs`` the coordinates are rescaled before the first layer: (x, y, z) to
+    ``[-1, 1]`` over ``pc_range_m``, both offsets in voxel sizes. Unscaled, the absolute
+    coordinates (spread over tens of metres) outweigh the centimetre offsets that carry a voxel's
+    inner geometry by two orders of magnitude in every channel at initialisation (after
+    training a 4000-step DSVT pillar detector, still 20-35x).
+
     Args:
         in_channels: C, point feature size (x, y, z first).
         filters: output width of each PFN layer (an int: one layer); the last is the voxel
             feature width. Layers before the last need an even width.
         voxel_size_m: ``(sx, sy, sz)`` in metres.
         pc_range_m: ``(x0, y0, z0, x1, y1, z1)`` in metres.
+        normalize_inputs: rescale the coordinates as above.
     """
 
     def __init__(
@@ -374,6 +381,7 @@ class PillarVFE(nn.Module):
         filters: Union[int, Sequence[int]],
         voxel_size_m: Sequence[float],
         pc_range_m: Sequence[float],
+        normalize_inputs: bool = False,
     ) -> None:
         super().__init__()
         vs, pr = _check_size_range(voxel_size_m, pc_range_m)
@@ -386,6 +394,9 @@ class PillarVFE(nn.Module):
         self.out_channels = filters[-1]
         self.register_buffer("voxel_size", torch.tensor(vs), persistent=False)
         self.register_buffer("origin", torch.tensor(pr[:3]), persistent=False)
+        self.register_buffer("range_centre", (torch.tensor(pr[:3]) + torch.tensor(pr[3:])) / 2, persistent=False)
+        self.register_buffer("range_half", (torch.tensor(pr[3:]) - torch.tensor(pr[:3])) / 2, persistent=False)
+        self.normalize_inputs = normalize_inputs
         widths = [f // 2 for f in filters[:-1]] + [filters[-1]]
         inputs = [in_channels + 6, *filters[:-1]]
         self.linears = nn.ModuleList(nn.Linear(i, w, bias=False) for i, w in zip(inputs, widths))
@@ -401,7 +412,8 @@ class PillarVFE(nn.Module):
     def point_features(
         self, points: torch.Tensor, point_to_voxel: torch.Tensor, coords: torch.Tensor
     ) -> torch.Tensor:
-        """Augmented per-point features [M, C + 6] of the M points with ``point_to_voxel >= 0``."""
+        """Augmented per-point features [M, C + 6] of the M points with ``point_to_voxel >= 0``
+        (rescaled when ``normalize_inputs``)."""
         valid = point_to_voxel >= 0
         idx = point_to_voxel[valid]
         pts = points[valid]
@@ -410,8 +422,12 @@ class PillarVFE(nn.Module):
         sums = xyz.new_zeros((V, 3)).index_add(0, idx, xyz)
         cnt = torch.bincount(idx, minlength=V).to(xyz.dtype).clamp(min=1.0)
         mean = sums / cnt.unsqueeze(1)
-        centre = (coords.flip(1).to(xyz.dtype) + 0.5) * self.voxel_size.to(xyz) + self.origin.to(xyz)
-        return torch.cat([pts, xyz - mean[idx], xyz - centre[idx]], dim=1)
+        vs = self.voxel_size.to(xyz)
+        centre = (coords.flip(1).to(xyz.dtype) + 0.5) * vs + self.origin.to(xyz)
+        if not self.normalize_inputs:
+            return torch.cat([pts, xyz - mean[idx], xyz - centre[idx]], dim=1)
+        absolute = (xyz - self.range_centre.to(xyz)) / self.range_half.to(xyz)
+        return torch.cat([absolute, pts[:, 3:], (xyz - mean[idx]) / vs, (xyz - centre[idx]) / vs], dim=1)
 
     def forward(self, points: torch.Tensor, point_to_voxel: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         """Encode each voxel.

@@ -121,7 +121,7 @@ def _tiny_dsvt_cfg() -> ModelConfig:
     """DSVT on 0.4 m pillars (64 x 64 x 1), head at BEV stride 2 (0.8 m cells); a two-layer pillar
     VFE whose 48 channels the backbone's input layer maps to d_model 32."""
     return _tiny_cfg(backbone="dsvt", voxel_size_m=(0.4, 0.4, 4.0), bev_layer_strides=(2, 2),
-                     bev_upsample_strides=(1, 2), pillar_vfe_filters=(32, 48),
+                     bev_upsample_strides=(1, 2), pillar_vfe_filters=(32, 48), pillar_vfe_normalize=True,
                      dsvt=DSVTOptions(d_model=32, num_heads=4, ffn_dim=64, set_size=16, window_shape=(8, 8, 1),
                                       shifted_window_shape=(12, 12, 1), stage_blocks=(2,)))
 

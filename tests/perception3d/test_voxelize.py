@@ -163,14 +163,15 @@ def test_dynamic_mean_vfe_matches_naive():
     assert np.abs(feats.numpy() - ref).max() <= 1e-6
 
 
-@pytest.mark.parametrize("filters", [16, (16, 8)], ids=["one_layer", "two_layers"])
-def test_pillar_vfe_matches_naive(filters):
+@pytest.mark.parametrize("filters,normalize", [(16, False), ((16, 8), False), ((16, 8), True)],
+                         ids=["one_layer", "two_layers", "two_layers_normalized"])
+def test_pillar_vfe_matches_naive(filters, normalize):
     torch.manual_seed(0)
     pts = make_cloud(9)
     pillar_vs = (0.5, 0.25, 2.0)  # one voxel in z: pillars
     p2v, coords = voxelize_dynamic(pts, pillar_vs, PR)
     assert coords[:, 0].max().item() == 0
-    vfe = PillarVFE(4, filters, pillar_vs, PR).eval()
+    vfe = PillarVFE(4, filters, pillar_vs, PR, normalize_inputs=normalize).eval()
     with torch.no_grad():
         for bn in vfe.norms:
             bn.running_mean.uniform_(-0.5, 0.5)
@@ -189,7 +190,12 @@ def test_pillar_vfe_matches_naive(filters):
         mean = P[members, :3].mean(axis=0)
         centre = np.array([(x + 0.5) * pillar_vs[0] + PR[0], (y + 0.5) * pillar_vs[1] + PR[1],
                            (z + 0.5) * pillar_vs[2] + PR[2]])
-        feats = [np.concatenate([P[i], P[i, :3] - mean, P[i, :3] - centre]) for i in members]
+        if normalize:  # coordinates to [-1, 1] over the range, offsets in voxel sizes
+            lo, hi, size = np.array(PR[:3]), np.array(PR[3:]), np.array(pillar_vs)
+            feats = [np.concatenate([(P[i, :3] - (lo + hi) / 2) / ((hi - lo) / 2), P[i, 3:],
+                                     (P[i, :3] - mean) / size, (P[i, :3] - centre) / size]) for i in members]
+        else:
+            feats = [np.concatenate([P[i], P[i, :3] - mean, P[i, :3] - centre]) for i in members]
         for k, (W, scale, shift) in enumerate(layers):
             feats = [np.maximum((W @ f) * scale + shift, 0.0) for f in feats]
             best = np.max(feats, axis=0)
