@@ -447,6 +447,11 @@ def kitti_ap_by_distance(
     return result
 
 
+def _neg_bev_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Minus the BEV centre distance of every box pair, the similarity of nuScenes matching."""
+    return -torch.cdist(a[:, :2], b[:, :2])
+
+
 def _nuscenes_ap(scores: np.ndarray, is_tp: np.ndarray, num_gt: int,
                  min_recall: float = 0.1, min_precision: float = 0.1) -> float:
     if num_gt <= 0:
@@ -490,14 +495,11 @@ def nuscenes_map(
     if not ths or any(not t > 0 for t in ths):
         raise DataError(f"dist_thresholds: expected positive distances in metres, got {tuple(dist_thresholds)}")
 
-    def neg_dist(a, b):
-        return -torch.cdist(a[:, :2], b[:, :2])
-
     result: dict = {}
     for c in classes:
         result[c] = {}
         for t in ths:
-            frames = _per_class_matches(gts, dets, ids[c], neg_dist, -t)
+            frames = _per_class_matches(gts, dets, ids[c], _neg_bev_distance, -t)
             scores, tps, num_gt = [], [], 0
             for _, gt_diff, _, det_scores, matched in frames:
                 counted_gt = (gt_diff >= 0).numpy()
@@ -541,17 +543,16 @@ def box_errors(
     if not max_dist_m > 0:
         raise DataError(f"max_dist_m: expected a positive distance in metres, got {max_dist_m!r}")
 
-    def neg_dist(a, b):
-        return -torch.cdist(a[:, :2], b[:, :2])
-
     result: dict = {}
     for c in classes:
         pairs = []
-        for gt_boxes, gt_diff, det_boxes, _, matched in _per_class_matches(gts, dets, ids[c], neg_dist, -max_dist_m):
+        frames = _per_class_matches(gts, dets, ids[c], _neg_bev_distance, -max_dist_m)
+        for gt_boxes, gt_diff, det_boxes, _, matched in frames:
             hit = matched >= 0
             keep = hit.copy()
-            keep[hit] = ((gt_diff[matched[hit]] >= 0) & (gt_diff[matched[hit]] <= max_difficulty)).numpy()
-            pairs.append((det_boxes[keep], gt_boxes.to(torch.float64)[matched[keep]]))
+            diff = gt_diff[matched[hit]]
+            keep[hit] = ((diff >= 0) & (diff <= max_difficulty)).numpy()
+            pairs.append((det_boxes[keep], gt_boxes[matched[keep]]))  # both float64
         det = torch.cat([p[0] for p in pairs]) if pairs else torch.zeros(0, 7, dtype=torch.float64)
         gt = torch.cat([p[1] for p in pairs]) if pairs else torch.zeros(0, 7, dtype=torch.float64)
         inter = torch.minimum(det[:, 3:6], gt[:, 3:6]).prod(1)
