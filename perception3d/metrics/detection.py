@@ -44,8 +44,9 @@ Box errors (`box_errors`)
       KITTI moderate, easy included); each matched GT gives the errors of its detection (the
       highest-scoring one in reach). Reported as medians over the matched GT of a class: BEV
       centre distance (m), |z| centre difference (m), size error `1 - IoU` of the two boxes
-      aligned at one centre and heading (nuScenes' ASE), and heading difference (rad, in
-      `[0, pi]`, no direction ambiguity). Unlike nuScenes' TP metrics these are not weighted by
+      aligned at one centre and heading (nuScenes' ASE), its parts |length|, |width| and
+      |height| differences (m), and heading difference (rad, in `[0, pi]`, no direction
+      ambiguity). Unlike nuScenes' TP metrics these are not weighted by
       recall.
 
 A class with no valid GT gets AP `nan`; the means skip `nan`.
@@ -536,7 +537,8 @@ def box_errors(
         class_names: label id -> name; None: `classes` itself.
 
     Returns:
-        `{class: {"matched": n, "centre_bev_m", "z_m", "size", "yaw_rad": medians}}`; the medians
+        `{class: {"matched": n, "centre_bev_m", "z_m", "size", "length_m", "width_m", "height_m",
+        "yaw_rad": medians}}`; the medians
         are `nan` for a class without a matched GT.
     """
     ids = _check_inputs(gts, dets, classes, class_names)
@@ -562,6 +564,7 @@ def box_errors(
             "centre_bev_m": (det[:, :2] - gt[:, :2]).norm(dim=1),
             "z_m": (det[:, 2] - gt[:, 2]).abs(),
             "size": 1.0 - aligned_iou,
+            **{f"{n}_m": (det[:, 3 + i] - gt[:, 3 + i]).abs() for i, n in enumerate(("length", "width", "height"))},
             "yaw_rad": torch.minimum(yaw, 2 * math.pi - yaw),
         }
         result[c] = {"matched": int(det.shape[0]),

@@ -251,12 +251,12 @@ def test_nuscenes_ignores_difficulty_minus_one():
 
 def test_box_errors_known_offsets():
     # Three cars along x; detections with hand-made errors (each box its own):
-    # car 0: centre off by (0.3, 0.4) -> 0.5 m, z +0.2, yaw +0.1, same size
+    # car 0: centre off by (0.3, 0.4) -> 0.5 m, z +0.2, yaw +0.1, width 1.8 -> 1.5
     # car 1: centre exact, z -0.1, yaw wrapped (gt 3.1, det -3.1: 2*pi - 6.2 rad apart), length 4 -> 2
     # car 2: its only detection 2.5 m away (no match); a hard car (difficulty 2) matched, not counted
     gt = FrameGT(torch.tensor([_box(10.0, 0.0, yaw=0.3), _box(20.0, 0.0, yaw=3.1), _box(30.0, 0.0),
                                _box(40.0, 0.0)]), torch.zeros(4, dtype=torch.int64), torch.tensor([0, 1, 1, 2]))
-    d0 = [10.3, 0.4, -0.8, 4.0, 1.8, 1.6, 0.4]
+    d0 = [10.3, 0.4, -0.8, 4.0, 1.5, 1.6, 0.4]
     d1 = [20.0, 0.0, -1.1, 2.0, 1.8, 1.6, -3.1]
     d2 = [32.5, 0.0, -1.0, 4.0, 1.8, 1.6, 0.3]
     d3 = [40.0, 0.0, -1.0, 4.0, 1.8, 1.6, 1.3]
@@ -267,8 +267,11 @@ def test_box_errors_known_offsets():
     assert res["matched"] == 2
     assert res["centre_bev_m"] == pytest.approx(np.median([0.5, 0.0]))
     assert res["z_m"] == pytest.approx(np.median([0.2, 0.1]))
-    # aligned IoU of a 4 m and a 2 m long car of equal width and height: 0.5
-    assert res["size"] == pytest.approx(np.median([0.0, 0.5]))
+    # aligned IoU: 1.5 / 1.8 for car 0's narrower box; 0.5 for a 4 m and a 2 m long car (car 1)
+    assert res["size"] == pytest.approx(np.median([1.0 - 1.5 / 1.8, 0.5]))
+    assert res["length_m"] == pytest.approx(np.median([0.0, 2.0]))
+    assert res["width_m"] == pytest.approx(np.median([0.3, 0.0]), abs=1e-6)  # float32 boxes
+    assert res["height_m"] == pytest.approx(0.0)
     assert res["yaw_rad"] == pytest.approx(np.median([0.1, 2 * math.pi - 6.2]), abs=1e-6)  # float32 boxes
     # with the hard car counted, the 1.0 rad heading error joins the median
     res_hard = box_errors([gt], [det], classes=("Car",), max_difficulty=2)["Car"]
