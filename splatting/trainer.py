@@ -187,7 +187,7 @@ def _lpips(cfg: SplatConfig, device: torch.device) -> LPIPS | None:
     return default_lpips(device)
 
 
-def _save_checkpoint(ckpts: CheckpointManager, step: int, ts: "TrainState", cfg: SplatConfig) -> Path:
+def _save_checkpoint(ckpts: CheckpointManager, step: int, ts: "TrainState", cfg: SplatConfig, elapsed_s: float) -> Path:
     state = {
         "model": {k: v.detach().cpu() for k, v in ts.params.items()},
         "optimizer": {k: o.state_dict() for k, o in ts.optimizers.items()},
@@ -197,6 +197,7 @@ def _save_checkpoint(ckpts: CheckpointManager, step: int, ts: "TrainState", cfg:
         **({} if ts.compact is None else {"compact": ts.compact.state_dict(),
                                           "compact_optimizer": ts.compact_optimizer.state_dict()}),
         "step": step,
+        "elapsed_s": elapsed_s,
         "rng": [get_rng_state()],
         "config": config_to_dict(cfg),
         "format": FORMAT_VERSION,
@@ -273,8 +274,9 @@ def _scheduler(cfg: SplatConfig, optimizers: dict) -> torch.optim.lr_scheduler.E
     return torch.optim.lr_scheduler.ExponentialLR(optimizers["means"], gamma=gamma)
 
 
-def _restore(cfg: SplatConfig, ts: TrainState, ck: dict) -> int:
-    """Load a checkpoint's parameters, optimiser / schedule / strategy / RNG states; its step."""
+def _restore(cfg: SplatConfig, ts: TrainState, ck: dict) -> tuple[int, float]:
+    """Load a checkpoint's parameters, optimiser / schedule / strategy / RNG states; its step and
+    the training seconds it took to get there."""
     for k in _groups(cfg):
         ts.params[k] = torch.nn.Parameter(ck["model"][k].to(ts.device))
     ts.optimizers = _optimizers(cfg, ts.params, ts.train_set.scene_scale())
@@ -287,7 +289,7 @@ def _restore(cfg: SplatConfig, ts: TrainState, ck: dict) -> int:
     ts.scheduler.load_state_dict(ck["scheduler"])
     ts.strategy_state = {k: (v.to(ts.device) if isinstance(v, torch.Tensor) else v) for k, v in ck["strategy"].items()}
     set_rng_state(ck["rng"][0])
-    return int(ck["step"])
+    return int(ck["step"]), float(ck.get("elapsed_s", 0.0))
 
 
 def view_index(cfg: SplatConfig, step: int, n: int) -> int:
@@ -350,10 +352,12 @@ def train(cfg: SplatConfig, out_dir: str | Path, resume: bool = False) -> dict:
     out_dir = Path(out_dir)
     ts = build(cfg)
     ckpts = CheckpointManager(out_dir / "ckpt", keep_last=cfg.train.keep_last_ckpts)
-    start = _restore(cfg, ts, read_checkpoint(ckpts.latest())) if resume and ckpts.latest() is not None else 0
+    start, elapsed = 0, 0.0
+    if resume and ckpts.latest() is not None:
+        start, elapsed = _restore(cfg, ts, read_checkpoint(ckpts.latest()))
     T = cfg.train.max_steps
     lpips = _lpips(cfg, ts.device)
-    logger = RunLogger(out_dir, T, initial_step=start, progress=cfg.train.progress)
+    logger = RunLogger(out_dir, T, initial_step=start, initial_elapsed_s=elapsed, progress=cfg.train.progress)
     W, H = ts.train_set.size(0)
     logger.message(f"[splatting] {len(ts.train_set)} training / {len(ts.test_set)} held-out views of {W}x{H} px; "
                    f"{len(ts.params['means'])} Gaussians; device {ts.device}")
@@ -385,7 +389,7 @@ def train(cfg: SplatConfig, out_dir: str | Path, resume: bool = False) -> dict:
                                              out_dir / "renders" / f"step_{done:08d}", lpips, ts.device)
                     logger.log(done, metrics, split="eval")
             if (cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0) or done == T:
-                last_ckpt = _save_checkpoint(ckpts, done, ts, cfg)
+                last_ckpt = _save_checkpoint(ckpts, done, ts, cfg, logger.elapsed_s)
     finally:
         logger.close()
     gaussians, files = snapshot(ts), {}

@@ -4,7 +4,9 @@ Files under the run folder:
 
 * `tb/` - TensorBoard event files (`tensorboard --logdir <out_dir>/tb`): `train/<name>` for the
   losses and `lr`, `eval/<name>` for metrics.
-* `log.jsonl` - one JSON object per logged step: `{"step", "split", "time", <scalars>}`.
+* `log.jsonl` - one JSON object per logged step: `{"step", "split", "time", <scalars>}`; `time` is
+  seconds of training since step 0: a resumed run goes on from the time its checkpoint recorded
+  (`elapsed_s`), so the work lost after that checkpoint is not counted.
 
 Other ranks get a `RunLogger(enabled=False)` that does nothing.
 """
@@ -34,20 +36,21 @@ class RunLogger:
         out_dir: run folder.
         total_steps: for the progress bar.
         initial_step: where the bar starts (resumed runs).
+        initial_elapsed_s: seconds the run had taken before (resumed runs; see :attr:`elapsed_s`).
         enabled: False on non-zero ranks (then every method is a no-op).
         progress: show a tqdm progress bar (on stderr).
         tensorboard: write TensorBoard events (skipped with a warning if tensorboard is missing).
     """
 
-    def __init__(self, out_dir: str | Path, total_steps: int, initial_step: int = 0, enabled: bool = True,
-                 progress: bool = True, tensorboard: bool = True):
+    def __init__(self, out_dir: str | Path, total_steps: int, initial_step: int = 0, initial_elapsed_s: float = 0.0,
+                 enabled: bool = True, progress: bool = True, tensorboard: bool = True):
         self.enabled = enabled
         self.out_dir = Path(out_dir)
         self._bar = None
         self._tb = None
         self._jsonl = None
-        self._t_start = time.perf_counter()
-        self._last_time = self._t_start
+        self._last_time = time.perf_counter()
+        self._t_start = self._last_time - initial_elapsed_s
         self._last_step = initial_step
         self._start_step = initial_step
         self._want_tb = False
@@ -72,9 +75,16 @@ class RunLogger:
             return
         self._tb = SummaryWriter(log_dir=str(self.out_dir / "tb"), purge_step=self._start_step or None)
 
-    def set_step(self, step: int) -> None:
-        """Move the progress bar and the it/s reference to `step` (after resuming)."""
+    @property
+    def elapsed_s(self) -> float:
+        """Seconds of training so far, those before a resume included (what checkpoints store)."""
+        return time.perf_counter() - self._t_start
+
+    def set_step(self, step: int, elapsed_s: float = 0.0) -> None:
+        """Move the progress bar, the it/s reference and the clock to `step` (after resuming), which
+        the run had reached after `elapsed_s` seconds."""
         self._last_step, self._last_time = step, time.perf_counter()
+        self._t_start = self._last_time - elapsed_s
         self._start_step = step
         if self._bar is not None:
             self._bar.n = self._bar.last_print_n = step

@@ -180,6 +180,8 @@ class Trainer:
         self.metrics: dict[str, float] = {}
         self.last_train: dict[str, float] = {}
         self.last_checkpoint: Path | None = None
+        self.elapsed_s = 0.0  # training seconds before this process (resumed runs)
+        self._logger: RunLogger | None = None
 
     # -- state -------------------------------------------------------------------------------
 
@@ -199,7 +201,8 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "rng": rngs,
             "config": self.run_config,
-            "extra": {"world_size": self.info.world_size, "epoch": self.step // self.steps_per_epoch},
+            "extra": {"world_size": self.info.world_size, "epoch": self.step // self.steps_per_epoch,
+                      "elapsed_s": self._logger.elapsed_s if self._logger is not None else self.elapsed_s},
         }
 
     def save_checkpoint(self) -> None:
@@ -228,6 +231,7 @@ class Trainer:
             group["lr"] = base * fn(sched.last_epoch)
         self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
         self.last_checkpoint = latest
+        self.elapsed_s = float(state.get("extra", {}).get("elapsed_s", 0.0))
         saved_ws = state.get("extra", {}).get("world_size", 1)
         if saved_ws != self.info.world_size:
             logger.message(f"[train] checkpoint was written by {saved_ws} process(es), resuming with "
@@ -272,13 +276,14 @@ class Trainer:
         cfg, info = self.cfg, self.info
         seed_everything(derive_seed(cfg.seed, 3, info.rank))  # dropout and other training RNG
         logger = RunLogger(self.out_dir, cfg.max_steps, enabled=info.is_main, progress=cfg.progress)
+        self._logger = logger
         try:
             if resume:
                 self._resume(logger)
             elif info.is_main and self.ckpts.latest() is not None:
                 logger.message(f"[train] {self.ckpts.dir} already holds checkpoints; training from scratch "
                                "(pass resume=True / --resume to continue instead)")
-            logger.set_step(self.step)
+            logger.set_step(self.step, self.elapsed_s)
             if info.world_size > 1:
                 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -286,6 +291,8 @@ class Trainer:
                                      find_unused_parameters=cfg.find_unused_parameters)
             self._loop(logger)
         finally:
+            self.elapsed_s = logger.elapsed_s
+            self._logger = None
             logger.close()
         return {"step": self.step, "train": self.last_train, "eval": self.metrics,
                 "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None}

@@ -97,6 +97,26 @@ def test_rng_restore_matters(tmp_path):
     assert max_diff(ref, broken) > 1e-6
 
 
+def test_resumed_log_time_goes_on_from_the_checkpoint(tmp_path):
+    cfg = toy_cfg(max_steps=8, eval_every=0)
+    with pytest.raises(Crash):
+        run(cfg, tmp_path, on_step_end=crash_at(5))
+    ckpt = resolve_latest(tmp_path / "ckpt")  # step 3
+    state = torch.load(ckpt, weights_only=True)
+    assert 0 < state["extra"]["elapsed_s"] < 60
+    state["extra"]["elapsed_s"] = 1000.0  # as if the first 3 steps had taken 1000 s
+    torch.save(state, ckpt)
+    run(cfg, tmp_path, resume=True)
+    records = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
+    cut = next(i for i, r in enumerate(records) if "resumed from" in r.get("message", ""))
+    before = [r["time"] for r in records[:cut] if "step" in r]
+    after = [r["time"] for r in records[cut + 1:] if "step" in r]
+    assert [r["step"] for r in records[cut + 1:] if "step" in r] == [4, 6, 8, 8]  # train steps, final eval
+    assert before and max(before) < 60
+    assert all(1000 <= t < 1060 for t in after) and after == sorted(after)
+    assert 1000 <= torch.load(resolve_latest(tmp_path / "ckpt"), weights_only=True)["extra"]["elapsed_s"] < 1060
+
+
 def test_resume_follows_the_new_config_schedule(tmp_path):
     cfg = toy_cfg(max_steps=4, schedule="constant", warmup_steps=0, lr=0.01, log_every=1, eval_every=0)
     run(cfg, tmp_path)

@@ -95,8 +95,12 @@ def test_resume_reaches_the_uninterrupted_weights(trained, scene_root, tmp_path,
     with pytest.raises(Crash):
         trainer.train(cfg, tmp_path)
     assert resolve_latest(tmp_path / "ckpt").name == "step_00000030.pt"
+    elapsed = read_checkpoint(tmp_path / "ckpt" / "step_00000030.pt")["elapsed_s"]
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
     monkeypatch.setattr(trainer, "train_step", real_step)
     trainer.train(cfg, tmp_path, resume=True)
+    resumed_log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()[len(lines):]]
+    assert 0 < elapsed and all(rec["time"] >= elapsed for rec in resumed_log if "step" in rec)  # the clock goes on
     ref, resumed = _params(resolve_latest(out / "ckpt")), _params(resolve_latest(tmp_path / "ckpt"))
     assert ref["means"].shape == resumed["means"].shape  # same densification decisions
     for k in ref:
