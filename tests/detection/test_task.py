@@ -82,6 +82,19 @@ def test_evaluate_model_drops_to_zero_when_boxes_move(synthetic_root):
     assert metrics["nuscenes/mAP"] < 50.0
 
 
+def test_evaluate_model_oracle_finds_the_wrong_part(synthetic_root):
+    class Raised(_GroundTruthModel):  # every box 0.6 m too high: 3D IoU about 0.4 for a car
+        def forward(self, batch):
+            return [Detections3D(Boxes3D(d.boxes.tensor + torch.tensor([0, 0, 0.6, 0, 0, 0, 0])), d.scores, d.labels)
+                    for d in super().forward(batch)]
+
+    metrics, _ = evaluate_model(Raised(), DetectionDataset(synthetic_root, "train", PC_RANGE))
+    assert metrics["Car/3d_R40/moderate"] == 0.0 and metrics["Car/bev_R40/moderate"] == pytest.approx(100.0)
+    assert metrics["Car/3d_R40_oracle/z"] == pytest.approx(100.0)
+    assert metrics["Car/3d_R40_oracle/z_height"] == pytest.approx(100.0)
+    assert metrics["Car/3d_R40_oracle/xy"] == metrics["Car/3d_R40_oracle/size"] == 0.0
+
+
 def test_train_then_eval_cli(synthetic_root, tmp_path):
     """tools/train.py on a tiny config writes metrics and pictures; tools/eval.py reproduces the metrics."""
     cfg = tmp_path / "tiny.yaml"

@@ -12,6 +12,7 @@ from perception3d.metrics.detection import (
     FrameGT,
     average_precision_r40,
     box_errors,
+    oracle_ap,
     kitti_ap,
     kitti_ap_by_distance,
     kitti_difficulty,
@@ -278,3 +279,31 @@ def test_box_errors_known_offsets():
     assert res_hard["matched"] == 3 and res_hard["yaw_rad"] == pytest.approx(0.1, abs=1e-6)
     empty = box_errors([gt], [_dets(np.zeros((0, 7)), [], [])], classes=("Car",))["Car"]
     assert empty["matched"] == 0 and math.isnan(empty["centre_bev_m"])
+
+
+def test_oracle_ap_known_answers():
+    # Four moderate cars; detections by descending score: car 0 with z +0.5 m, car 1 half as tall,
+    # car 2 shifted 1 m in x, car 3 exact, and a false positive 1.5 m beside car 3. Each wrong
+    # part alone takes the 3D IoU below 0.7 (about 0.5, 0.5 and 0.45).
+    gt = _cars([10.0, 20.0, 30.0, 40.0], diff=[1, 1, 1, 1])
+    boxes = [_box(10.0, 0.0), _box(20.0, 0.0), _box(31.0, 0.0), _box(40.0, 0.0), _box(40.0, 1.5)]
+    boxes[0][2] += 0.5
+    boxes[1][5] = 0.8
+    det = _dets(boxes, [0.9, 0.8, 0.7, 0.6, 0.5], [0, 0, 0, 0, 0])
+    res = oracle_ap([gt], [det], classes=("Car",))["Car"]
+    plain = kitti_ap([gt], [det], classes=("Car",))["Car"]["moderate"]
+    # R40 by hand (40 recall points, 4 GT): only car 3 found, at precision 1/4 -> 10 points x 0.25
+    assert plain == pytest.approx(6.25)
+    assert res["yaw"] == res["width"] == res["length"] == pytest.approx(6.25)
+    # z exact: TP FP FP TP FP -> precision 1 up to recall 1/4, then 1/2 up to 1/2
+    assert res["z"] == pytest.approx(100 * (10 * 1.0 + 10 * 0.5) / 40)
+    # height exact: FP TP FP TP FP -> 1/2 up to recall 1/2
+    assert res["height"] == res["size"] == pytest.approx(100 * 20 * 0.5 / 40)
+    # z and height exact: TP TP FP TP FP -> 1 up to 1/2, 3/4 up to 3/4
+    assert res["z_height"] == pytest.approx(100 * (20 * 1.0 + 10 * 0.75) / 40)
+    # centre exact: FP FP TP TP FP (the false positive moved onto car 3 is a duplicate, still false)
+    assert res["xy"] == pytest.approx(100 * 20 * 0.5 / 40)
+    # out of reach, car 2 keeps its centre
+    assert oracle_ap([gt], [det], classes=("Car",), max_dist_m=0.5)["Car"]["xy"] == pytest.approx(6.25)
+    with pytest.raises(DataError, match="difficulty"):
+        oracle_ap([gt], [det], classes=("Car",), difficulty="medium")
