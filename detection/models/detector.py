@@ -55,6 +55,8 @@ class ModelConfig:
             ``dsvt.d_model`` is mapped to it by the backbone's input linear layer.
         pillar_vfe_normalize: rescale the pillar VFE's input coordinates (``PillarVFE``'s
             ``normalize_inputs``: absolute to ``[-1, 1]`` over the range, offsets in voxel sizes).
+        pillar_vfe_height_bins: bins of the vertical profile the pillar VFE appends to each voxel
+            feature (``PillarVFE``'s ``height_bins``; 0: none).
         backbone: ``"second"``: the SECOND sparse-conv backbone on hard voxels (fields
             ``backbone3d_*``); ``"dsvt"``: the DSVT transformer (:mod:`detection.models.dsvt`) on
             dynamic voxels, the voxel grid being its pillar (``Z = 1``) or voxel grid, at BEV
@@ -80,6 +82,7 @@ class ModelConfig:
     vfe: Literal["mean"] = "mean"
     pillar_vfe_filters: tuple[int, ...] = ()
     pillar_vfe_normalize: bool = False
+    pillar_vfe_height_bins: int = 0
     backbone: Literal["second", "dsvt"] = "second"
     dsvt: DSVTOptions = field(default_factory=DSVTOptions)
     backbone3d_channels: tuple[int, int, int, int] = (16, 32, 64, 64)
@@ -150,7 +153,8 @@ class CenterPointDetector(nn.Module):
         else:
             filters = cfg.pillar_vfe_filters or (cfg.dsvt.d_model,)
             self.vfe = PillarVFE(cfg.num_point_features, filters, cfg.voxel_size_m, cfg.pc_range_m,
-                                 normalize_inputs=cfg.pillar_vfe_normalize)
+                                 normalize_inputs=cfg.pillar_vfe_normalize,
+                                 height_bins=cfg.pillar_vfe_height_bins)
             self.backbone3d = DSVTBackbone(self.vfe.out_channels, cfg.grid_size, cfg.dsvt)
         self.bev_backbone = BEVBackbone(
             self.backbone3d.bev_shape[0], cfg.bev_layer_nums, cfg.bev_layer_strides, cfg.bev_num_filters,

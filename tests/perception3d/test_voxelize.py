@@ -205,6 +205,33 @@ def test_pillar_vfe_matches_naive(filters, normalize):
     assert np.abs(out.numpy() - ref).max() <= 1e-4
 
 
+@pytest.mark.parametrize("vs,bins", [((0.5, 0.25, 2.0), 8), ((0.5, 0.25, 0.5), 5)], ids=["pillars", "voxels"])
+def test_pillar_vfe_height_profile_matches_naive(vs, bins):
+    pts = make_cloud(12)
+    p2v, coords = voxelize_dynamic(pts, vs, PR)
+    vfe = PillarVFE(4, 8, vs, PR, height_bins=bins).eval()
+    with torch.no_grad():
+        out = vfe(pts, p2v, coords)
+    assert out.shape == (coords.shape[0], 8 + bins)
+    plain = PillarVFE(4, 8, vs, PR).eval()
+    plain.load_state_dict(vfe.state_dict())
+    assert torch.equal(out[:, :8], plain(pts, p2v, coords))  # the PFN part is unchanged
+    # naive: per voxel and bin, the max over the voxel's points of the tent weight at the bin centre
+    h = vs[2] / bins
+    ref = np.zeros((coords.shape[0], bins))
+    for i, v in enumerate(p2v.tolist()):
+        if v < 0:
+            continue
+        bottom = PR[2] + coords[v, 0].item() * vs[2]
+        for k in range(bins):
+            centre = bottom + (k + 0.5) * h
+            ref[v, k] = max(ref[v, k], max(0.0, 1.0 - abs(pts[i, 2].item() - centre) / h))
+    assert np.abs(out[:, 8:].numpy() - ref).max() <= 1e-5
+    assert (ref.max(1) >= 0.5 - 1e-6).all(), ref.max(1).min()  # every voxel's points reach at least one bin by half
+    with pytest.raises(DataError, match="height_bins"):
+        PillarVFE(4, 8, vs, PR, height_bins=-1)
+
+
 def test_pillar_vfe_loads_one_layer_checkpoints_of_before_stacking():
     pts = make_cloud(11)
     pillar_vs = (0.5, 0.25, 2.0)
