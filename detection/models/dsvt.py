@@ -111,6 +111,9 @@ class DSVTOptions:
         pool_size: ``(x, y, z)`` pooling window between stages (voxel variant).
         bev_patch: BEV cells of ``bev_patch x bev_patch`` last-stage voxels (see "BEV map" in the
             module docstring); the BEV map's stride in input voxels.
+        bev_channels: channels of the BEV map (0: ``d_model``).
+        bev_skip: the BEV fold also sees each voxel's input feature beside its transformed one
+            (one stage only: the input voxels must be the last stage's).
     """
 
     d_model: int = 192
@@ -122,6 +125,8 @@ class DSVTOptions:
     stage_blocks: tuple[int, ...] = (4,)
     pool_size: tuple[int, int, int] = (1, 1, 2)
     bev_patch: int = 1
+    bev_channels: int = 0
+    bev_skip: bool = False
 
     def __post_init__(self) -> None:
         if self.d_model % self.num_heads:
@@ -132,6 +137,11 @@ class DSVTOptions:
                 raise ConfigError(f"DSVTOptions.{name}: expected 3 positive ints (x, y, z), got {v!r}")
         if self.bev_patch < 1:
             raise ConfigError(f"DSVTOptions.bev_patch: expected a positive int, got {self.bev_patch!r}")
+        if self.bev_channels < 0:
+            raise ConfigError(f"DSVTOptions.bev_channels: expected a count >= 0, got {self.bev_channels!r}")
+        if self.bev_skip and len(self.stage_blocks) > 1:
+            raise ConfigError(f"DSVTOptions.bev_skip: needs one stage (the input voxels are the BEV's), got "
+                              f"stage_blocks {self.stage_blocks!r}")
         if self.set_size < 1 or not self.stage_blocks or min(self.stage_blocks) < 1:
             raise ConfigError(f"DSVTOptions: set_size and every stage_blocks entry must be >= 1, got "
                               f"{self.set_size!r} and {self.stage_blocks!r}")
@@ -433,10 +443,13 @@ class DSVTBackbone(nn.Module):
             Z, Y, X = shapes[-1]
             shapes.append((-(-Z // pz), -(-Y // py), -(-X // px)))
         self.stage_shapes: list[tuple[int, int, int]] = shapes
-        # the Z' levels x bev_patch^2 columns of a BEV cell, concatenated, are projected back to d
+        # the Z' levels x bev_patch^2 columns of a BEV cell, concatenated, are projected to the BEV
         # channels: a d-channel BEV map costs the 2D backbone's first conv a fraction of Z' * d
         positions = shapes[-1][0] * opts.bev_patch ** 2
-        self.bev_fold = nn.Linear(positions * d, d, bias=False) if positions > 1 else None
+        self.fold_in = d + (in_channels if opts.bev_skip else 0)
+        self.bev_channels = opts.bev_channels or d
+        fold = positions > 1 or self.fold_in != d or self.bev_channels != d
+        self.bev_fold = nn.Linear(positions * self.fold_in, self.bev_channels, bias=False) if fold else None
         self._part_len = 2 * len(_bucket_caps(opts.set_size)) + 2  # tensors per window configuration
 
     @property
@@ -444,7 +457,7 @@ class DSVTBackbone(nn.Module):
         """``(C, H, W)`` of the BEV map."""
         _, Y, X = self.stage_shapes[-1]
         p = self.opts.bev_patch
-        return (self.opts.d_model, -(-Y // p), -(-X // p))
+        return (self.bev_channels, -(-Y // p), -(-X // p))
 
     def _configs(self):
         o = self.opts
@@ -499,33 +512,39 @@ class DSVTBackbone(nn.Module):
 
     def forward(self, voxels: SparseVoxels) -> tuple[torch.Tensor, int]:
         out = self.forward_sparse(voxels)
+        if self.opts.bev_skip:  # one stage: out.coords are voxels.coords, row for row
+            out = SparseVoxels(torch.cat([out.feats, voxels.feats], 1), out.coords, out.spatial_shape, out.batch_size)
         if self.bev_fold is None:
             return out.dense().squeeze(2), 1  # pillars: [B, C, 1, Y, X] -> [B, C, Y, X]
         return self.fold_bev(out), self.opts.bev_patch
 
     def fold_bev(self, out: SparseVoxels) -> torch.Tensor:
-        """Dense BEV ``[B, d, Y', X']`` of the last stage's voxels: ``bev_fold`` applied to each
-        BEV cell's ``Z' x p x p`` voxel positions concatenated (absent ones count as zeros), i.e.
-        a ``p x p`` convolution of stride ``p`` (``p = bev_patch``) over the ``[B, Z' * d, Y, X]``
-        map of stacked height levels, with weight ``bev_fold.weight.view(d, Z' * d, p, p)``.
+        """Dense BEV ``[B, C, Y', X']`` of the last stage's voxels (``C = bev_channels``):
+        ``bev_fold`` applied to each BEV cell's ``Z' x p x p`` voxel positions concatenated (absent
+        ones count as zeros), i.e. a ``p x p`` convolution of stride ``p`` (``p = bev_patch``) over
+        the ``[B, Z' * c, Y, X]`` map of stacked height levels (``c`` the voxel feature width:
+        ``d_model``, plus the input width with ``bev_skip``), with weight
+        ``bev_fold.weight.view(C, Z' * c, p, p)``.
 
-        Computed per voxel as ``W_k @ feat`` (``W_k`` the weight columns of the voxel's position
-        ``k`` in its cell) summed into its cell, without building the dense ``[B, Z' * d, Y, X]``
-        map.
+        Computed as ``W_k @ feat`` for the voxels at each position ``k`` of their cell (``W_k``
+        the weight columns of that position), summed into their cells, without building the dense
+        ``[B, Z' * c, Y, X]`` map.
         """
         Z = self.stage_shapes[-1][0]
-        d, p = self.opts.d_model, self.opts.bev_patch
+        c, C, p = self.fold_in, self.bev_channels, self.opts.bev_patch
         _, Yc, Xc = self.bev_shape
         b, z, y, x = out.coords.long().unbind(1)
-        K = Z * p * p
-        # row k * d + o holds W[o, z, :, dy, dx] for position k = (z * p + dy) * p + dx
-        w = self.bev_fold.weight.view(d, Z, d, p, p).permute(1, 3, 4, 0, 2).reshape(K * d, d)
+        # w[k] = W[:, z, :, dy, dx] for position k = (z * p + dy) * p + dx
+        w = self.bev_fold.weight.view(C, Z, c, p, p).permute(1, 3, 4, 0, 2).reshape(Z * p * p, C, c)
         k = (z * p + y % p) * p + x % p
-        per_position = F.linear(out.feats, w).view(-1, K, d)
-        folded = per_position[torch.arange(len(k), device=k.device), k]
         cell = (b * Yc + y // p) * Xc + x // p
-        bev = out.feats.new_zeros(out.batch_size * Yc * Xc, d).index_add(0, cell, folded)
-        return bev.view(out.batch_size, Yc, Xc, d).permute(0, 3, 1, 2).contiguous()
+        bev = out.feats.new_zeros(out.batch_size * Yc * Xc, C)
+        order = torch.argsort(k)
+        counts = torch.bincount(k, minlength=len(w)).tolist()
+        for j, rows in enumerate(torch.split(order, counts)):
+            if len(rows):
+                bev = bev.index_add(0, cell[rows], F.linear(out.feats[rows], w[j]))
+        return bev.view(out.batch_size, Yc, Xc, C).permute(0, 3, 1, 2).contiguous()
 
 
 class _Runner(nn.Module):

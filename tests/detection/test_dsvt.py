@@ -11,7 +11,7 @@ from torch import nn
 
 from detection.models.dsvt import (AttentionPool3D, DSVTBackbone, DSVTOptions, SetAttentionLayer, export_onnx,
                                    pool_groups, set_partition, window_positions)
-from perception3d.errors import DataError
+from perception3d.errors import ConfigError, DataError
 from perception3d.sparse import SparseVoxels
 
 SMALL = DSVTOptions(d_model=32, num_heads=4, ffn_dim=64, set_size=6, window_shape=(4, 4, 2),
@@ -213,27 +213,41 @@ def test_backbone_is_invariant_to_voxel_order():
     assert bev_a.shape == (2, 32, 30, 26) and (bev_a - bev_b).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("stage_blocks, patch, shape", [((1, 1), 1, (4, 30, 26)), ((1, 1), 2, (4, 30, 26)),
-                                                       ((1,), 4, (1, 30, 26))])
-def test_bev_fold_equals_a_strided_conv_on_the_stacked_heights(stage_blocks, patch, shape):
-    """The voxel variant's height fold (patch 1), heights and 2x2 cells, and 0.2 m-style pillars
-    folded into 4x4 cells (30 x 26 not divisible by 4: the last row and column of cells are partial)."""
+@pytest.mark.parametrize("stage_blocks, patch, shape, channels, skip",
+                         [((1, 1), 1, (4, 30, 26), 0, False), ((1, 1), 2, (4, 30, 26), 0, False),
+                          ((1,), 4, (1, 30, 26), 0, False), ((1,), 4, (1, 30, 26), 48, True),
+                          ((1,), 1, (1, 30, 26), 0, True)])
+def test_bev_fold_equals_a_strided_conv_on_the_stacked_heights(stage_blocks, patch, shape, channels, skip):
+    """The voxel variant's height fold (patch 1), heights and 2x2 cells, 0.2 m-style pillars
+    folded into 4x4 cells (30 x 26 not divisible by 4: the last row and column of cells are
+    partial), and the same with the input features beside the transformed ones (bev_skip), into
+    48 BEV channels, or into d_model channels for unfolded pillars."""
     torch.manual_seed(0)
     coords = random_coords(5, shape)
-    opts = dataclasses.replace(SMALL, stage_blocks=stage_blocks, bev_patch=patch)
+    opts = dataclasses.replace(SMALL, stage_blocks=stage_blocks, bev_patch=patch, bev_channels=channels,
+                               bev_skip=skip)
     net = DSVTBackbone(5, shape, opts).eval()
+    C = channels or 32
     with torch.no_grad():
         feats = torch.randn(len(coords), 5)
         out = net.forward_sparse(SparseVoxels(feats, coords, shape, 2))
         bev, stride = net(SparseVoxels(feats, coords, shape, 2))
-        dense = out.dense()  # [B, C, Z', Y, X]; the reference stacks the levels z-major, c minor
-        Z = dense.shape[2]
-        stacked = dense.permute(0, 2, 1, 3, 4).reshape(2, Z * 32, 30, 26)
+        if skip:
+            out = SparseVoxels(torch.cat([out.feats, feats], 1), out.coords, out.spatial_shape, 2)
+        dense = out.dense()  # [B, c, Z', Y, X]; the reference stacks the levels z-major, c minor
+        c, Z = dense.shape[1:3]
+        stacked = dense.permute(0, 2, 1, 3, 4).reshape(2, Z * c, 30, 26)
         stacked = torch.nn.functional.pad(stacked, (0, -26 % patch, 0, -30 % patch))
-        ref = torch.nn.functional.conv2d(stacked, net.bev_fold.weight.view(32, Z * 32, patch, patch), stride=patch)
-    assert stride == patch and bev.shape == ref.shape == (2, 32, -(-30 // patch), -(-26 // patch))
+        ref = torch.nn.functional.conv2d(stacked, net.bev_fold.weight.view(C, Z * c, patch, patch), stride=patch)
+    assert c == 32 + 5 * skip
+    assert stride == patch and bev.shape == ref.shape == (2, C, -(-30 // patch), -(-26 // patch))
     assert net.bev_shape == bev.shape[1:]
     assert (bev - ref).abs().max().item() <= 1e-5 and ref.abs().max().item() > 0.1
+
+
+def test_bev_skip_needs_one_stage():
+    with pytest.raises(ConfigError, match="bev_skip"):
+        dataclasses.replace(SMALL, stage_blocks=(1, 1), bev_skip=True)
 
 
 def test_pool_groups_matches_unique_rows():
