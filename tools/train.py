@@ -74,13 +74,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[train] task {task.name}; config {config_path} -> {saved}", file=sys.stderr)
     from perception3d.engine import distributed
 
+    finished = False
     try:
         result = task.train(cfg, out_dir, resume=args.resume)
+        finished = True
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        distributed.cleanup()
+        distributed.cleanup(barrier=finished)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result, default=str))
     return 0

@@ -28,14 +28,16 @@ def main(out: Path) -> None:
     def evaluate_fn(m, step):
         return {"val_mse": float(m({"x": val_set.x, "y": val_set.y})["loss"])}
 
+    finished = False
     try:
         result = fit(model, train_set, collate, cfg, out, evaluate_fn=evaluate_fn)
         rank = distributed.get_rank()
         result["world_size"] = distributed.get_world_size()
         torch.save(model.state_dict(), out / f"weights_rank{rank}.pt")
         (out / f"result_rank{rank}.json").write_text(json.dumps(result))
+        finished = True
     finally:
-        distributed.cleanup()
+        distributed.cleanup(barrier=finished)
 
 
 if __name__ == "__main__":
