@@ -35,6 +35,7 @@ from typing import Any, Iterable, Mapping, Sequence, TypeVar
 import yaml
 
 from perception3d.errors import ConfigError
+from perception3d.io.atomic import atomic_write_text
 
 __all__ = [
     "load_config",
@@ -384,21 +385,6 @@ def config_to_dict(cfg: Any) -> dict:
 
 def save_config(cfg: Any, path: str | Path) -> Path:
     """Write the fully resolved config as plain YAML (atomically); `load_config` reads it back equal."""
-    import os
-    import uuid
-
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None))
     return path

@@ -79,6 +79,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from perception3d.errors import ConfigError, DataError
+from perception3d.io.atomic import atomic_path
 from perception3d.sparse import SparseVoxels
 
 __all__ = [
@@ -585,12 +586,10 @@ def export_onnx(backbone: DSVTBackbone, feats: torch.Tensor, coords: torch.Tenso
                 axes.update({names[-2]: {1: sets}, names[-1]: {0: sets}})
             names += [f"s{s}_c{c}_slot", f"s{s}_c{c}_cell"]
             axes.update({names[-2]: {1: voxels}, names[-1]: {0: voxels}})
-    tmp = path.with_name(path.name + ".partial")
     # the tracer warns about the window-position tables and the per-bucket set length: both are
     # constants of the architecture, so the graph is valid for every voxel and set count
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), atomic_path(path) as tmp:
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(_Runner(backbone), (feats, *plan), str(tmp), input_names=names, output_names=["out"],
                           dynamic_axes=axes | {"out": {0: "out_voxels"}}, opset_version=opset, dynamo=False)
-    tmp.replace(path)
     return names

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import os
 import re
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from perception3d.errors import DataError
+from perception3d.io.atomic import atomic_path, fsync_dir
 
 __all__ = ["save_atomic", "CheckpointManager", "load_checkpoint", "read_checkpoint", "resolve_latest",
            "unwrap_model", "FORMAT_VERSION"]
@@ -32,36 +32,11 @@ _STEP_RE = re.compile(r"^step_(\d+)\.pt$")
 LATEST = "latest.pt"
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_atomic(obj: Any, path: str | Path) -> Path:
     """`torch.save(obj)` to `path` so that `path` is either the old file or the complete new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode honours the umask
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
 
 
 def _point_latest(ckpt_dir: Path, target: Path) -> None:
@@ -77,7 +52,7 @@ def _point_latest(ckpt_dir: Path, target: Path) -> None:
         except OSError:
             save_atomic(torch.load(target, map_location="cpu", weights_only=True), tmp)
     os.replace(tmp, latest)
-    _fsync_dir(ckpt_dir)
+    fsync_dir(ckpt_dir)
 
 
 def resolve_latest(ckpt_dir: str | Path) -> Path | None:

@@ -24,6 +24,7 @@ from perception3d.engine.checkpoint import load_checkpoint
 from perception3d.engine.data import seed_everything
 from perception3d.engine.trainer import TrainConfig, fit
 from perception3d.errors import ConfigError
+from perception3d.io.atomic import atomic_write_text
 
 __all__ = ["ToyDataConfig", "ToyModelConfig", "ToyConfig", "ToyDataset", "ToyMLP", "collate", "train", "evaluate"]
 
@@ -140,5 +141,5 @@ def evaluate(cfg: ToyConfig, ckpt: str | Path, out_dir: str | Path) -> dict:
     result = {"step": int(state["step"]), **_metrics(model, val_set)}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
     return result

@@ -151,7 +151,8 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
             import io
             buf = io.BytesIO()
             real_save(obj, buf)
-            f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+            with open(f, "wb") as out:
+                out.write(buf.getvalue()[: len(buf.getvalue()) // 2])
             raise OSError("disk went away mid-write")
         return real_save(obj, f, *args, **kwargs)
 
@@ -167,6 +168,24 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["latest.pt", "step_00000002.pt"]  # no temp left over
     _, result = run(cfg, tmp_path, resume=True)  # and training goes on from there
     assert result["step"] == 6
+
+
+def test_atomic_path_keeps_old_file_on_error_and_honours_umask(tmp_path):
+    from perception3d.io.atomic import atomic_path, atomic_write_text
+
+    target = tmp_path / "out" / "metrics.json"
+    atomic_write_text(target, "old")
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("boom")
+    assert target.read_text() == "old" and sorted(p.name for p in target.parent.iterdir()) == ["metrics.json"]
+    old_mask = os.umask(0o027)
+    try:
+        atomic_write_text(target, "new")
+    finally:
+        os.umask(old_mask)
+    assert target.read_text() == "new" and (target.stat().st_mode & 0o777) == 0o640  # not mkstemp's 0600
 
 
 def test_keep_last_and_latest(tmp_path):
