@@ -139,7 +139,5 @@ def evaluate(cfg: ToyConfig, ckpt: str | Path, out_dir: str | Path) -> dict:
     state = load_checkpoint(ckpt, model)
     model.eval()
     result = {"step": int(state["step"]), **_metrics(model, val_set)}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
+    atomic_write_text(Path(out_dir) / "metrics.json", json.dumps(result, indent=2))  # creates the folder
     return result
