@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "atomic_write_text", "fsync_dir"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "fsync_dir"]
 
 
 def fsync_dir(path: Path) -> None:
@@ -49,3 +49,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)

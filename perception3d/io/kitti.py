@@ -24,6 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from perception3d.errors import DataError
+from perception3d.io.atomic import atomic_write_text
 from perception3d.geometry.camera import KittiCalibration
 from perception3d.io.pointcloud import read_kitti_bin
 from perception3d.structures import CLASSES
@@ -146,7 +147,7 @@ def write_label(path: str | Path, labels: KittiLabels) -> None:
         if labels.score is not None:
             s += f" {labels.score[i]:.4f}"
         lines.append(s)
-    Path(path).write_text("\n".join(lines) + ("\n" if lines else ""))
+    atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
 
 
 # ------------------------------------------------------------------------------------------------

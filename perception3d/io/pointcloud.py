@@ -16,6 +16,7 @@ import numba
 import numpy as np
 
 from perception3d.errors import DataError
+from perception3d.io.atomic import atomic_write_bytes
 
 __all__ = [
     "read_kitti_bin",
@@ -69,7 +70,7 @@ def read_kitti_bin(path: str | Path, num_features: int = 4) -> np.ndarray:
 
 def write_kitti_bin(path: str | Path, points: np.ndarray) -> None:
     """Write `[N, C]` points as little-endian float32 records (KITTI `.bin`)."""
-    np.ascontiguousarray(points, dtype="<f4").tofile(str(path))
+    atomic_write_bytes(path, np.ascontiguousarray(points, dtype="<f4").tobytes())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -405,7 +406,7 @@ def write_pcd(path: str | Path, fields: dict[str, np.ndarray] | np.ndarray, data
         body = np.array([len(comp), len(plain)], "<u4").tobytes() + comp
     else:
         raise DataError(f"write_pcd: data must be ascii, binary or binary_compressed, got {data!r}")
-    Path(path).write_bytes(head + body)
+    atomic_write_bytes(path, head + body)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -555,7 +556,7 @@ def write_ply(path: str | Path, fields: dict[str, np.ndarray] | np.ndarray, bina
         parts = [np.char.mod("%.9g" if v.dtype.kind == "f" else "%d", v)[:, None] for _, v, _ in cols]
         table = np.concatenate(parts, axis=1)
         body = ("\n".join(" ".join(r) for r in table) + ("\n" if n else "")).encode("ascii")
-    Path(path).write_bytes(head + body)
+    atomic_write_bytes(path, head + body)
 
 
 # ------------------------------------------------------------------------------------------------

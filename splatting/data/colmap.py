@@ -27,6 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from perception3d.errors import DataError
+from perception3d.io.atomic import atomic_write_bytes, atomic_write_text
 from splatting.data.scene import CameraFrame, Scene, check_finite, finish_scene
 
 __all__ = [
@@ -524,7 +525,7 @@ def write_colmap_text(folder: str | Path, frames: Sequence[CameraFrame], points:
              f"# Number of cameras: {len(cam_rows)}"]
     lines += [" ".join([str(cid), model, str(w), str(h)] + [_r(p) for p in params])
               for cid, model, w, h, params in cam_rows]
-    (folder / "cameras.txt").write_text("\n".join(lines) + "\n")
+    atomic_write_text(folder / "cameras.txt", "\n".join(lines) + "\n")
     lines = ["# Image list with two lines of data per image:",
              "#   IMAGE_ID, QW, QX, QY, QZ, TX, TY, TZ, CAMERA_ID, NAME",
              "#   POINTS2D[] as (X, Y, POINT3D_ID)",
@@ -532,13 +533,13 @@ def write_colmap_text(folder: str | Path, frames: Sequence[CameraFrame], points:
     for iid, q, t, cid, name in images:
         lines.append(" ".join([str(iid)] + [_r(v) for v in q + t] + [str(cid), name]))
         lines.append("")
-    (folder / "images.txt").write_text("\n".join(lines) + "\n")
+    atomic_write_text(folder / "images.txt", "\n".join(lines) + "\n")
     lines = ["# 3D point list with one line of data per point:",
              "#   POINT3D_ID, X, Y, Z, R, G, B, ERROR, TRACK[] as (IMAGE_ID, POINT2D_IDX)",
              f"# Number of points: {len(pts)}, mean track length: 0"]
     lines += [f"{i + 1} {_r(p[0])} {_r(p[1])} {_r(p[2])} {c[0]} {c[1]} {c[2]} 0.0"
               for i, (p, c) in enumerate(zip(pts, rgb.tolist()))]
-    (folder / "points3D.txt").write_text("\n".join(lines) + "\n")
+    atomic_write_text(folder / "points3D.txt", "\n".join(lines) + "\n")
     return folder
 
 
@@ -553,13 +554,13 @@ def write_colmap_binary(folder: str | Path, frames: Sequence[CameraFrame], point
     buf = [struct.pack("<Q", len(cam_rows))]
     for cid, model, w, h, params in cam_rows:
         buf.append(struct.pack("<iiQQ", cid, _MODEL_IDS[model], w, h) + struct.pack(f"<{len(params)}d", *params))
-    (folder / "cameras.bin").write_bytes(b"".join(buf))
+    atomic_write_bytes(folder / "cameras.bin", b"".join(buf))
     buf = [struct.pack("<Q", len(images))]
     for iid, q, t, cid, name in images:
         buf.append(struct.pack("<I7dI", iid, *q, *t, cid) + name.encode("utf-8") + b"\x00" + struct.pack("<Q", 0))
-    (folder / "images.bin").write_bytes(b"".join(buf))
+    atomic_write_bytes(folder / "images.bin", b"".join(buf))
     buf = [struct.pack("<Q", len(pts))]
     for i, (p, c) in enumerate(zip(pts.tolist(), rgb.tolist())):
         buf.append(struct.pack("<Q3d3BdQ", i + 1, *p, *c, 0.0, 0))
-    (folder / "points3D.bin").write_bytes(b"".join(buf))
+    atomic_write_bytes(folder / "points3D.bin", b"".join(buf))
     return folder

@@ -30,6 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from perception3d.errors import DataError
+from perception3d.io.atomic import atomic_write_text
 from splatting.data.scene import CameraFrame, Scene, check_finite, finish_scene, image_size
 
 __all__ = [
@@ -267,6 +268,5 @@ def write_transforms_json(path: str | Path, frames: Sequence[CameraFrame], image
         meta["ply_file_path"] = ply_file_path
     meta.update(extra or {})
     meta["frames"] = out_frames
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(meta, indent=2) + "\n")
     return path

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from perception3d.errors import DataError
-from perception3d.io.atomic import atomic_path
+from perception3d.io.atomic import atomic_write_bytes
 from splatting.io.gaussian_ply import _check_inputs
 from splatting.sh import SH_C0
 
@@ -104,8 +104,7 @@ def save_splat(path: str | Path, means, quats, scales_log, opacities_logit, sh0)
     rec["rgba"] = np.round(rgba[order] * 255.0).astype(np.uint8)
     qn = qn64 / norm[:, None]
     rec["rot"] = np.clip(np.round(qn[order] * 128.0 + 128.0), 0, 255).astype(np.uint8)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(rec.tobytes())
+    atomic_write_bytes(path, rec.tobytes())
     return torch.from_numpy(order.astype(np.int64))
 
 

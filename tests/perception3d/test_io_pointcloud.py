@@ -137,6 +137,31 @@ def test_kitti_bin_round_trip(tmp_path):
     np.testing.assert_array_equal(read_points(tmp_path / "a.bin"), pts)
 
 
+@pytest.mark.parametrize("name, write", [
+    ("cloud.bin", lambda path, xyz: write_kitti_bin(path, np.c_[xyz, np.ones(len(xyz), np.float32)])),
+    ("cloud.pcd", write_pcd),
+    ("cloud.ply", write_ply),
+])
+def test_writers_keep_the_old_file_when_the_write_fails(tmp_path, monkeypatch, name, write):
+    import perception3d.io.atomic
+
+    path = tmp_path / name
+    xyz, _ = _cloud(50)
+    write(path, xyz)
+    old = path.read_bytes()
+
+    def failing_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(perception3d.io.atomic.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        write(path, xyz[:10])
+    assert path.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == [name]  # no temp file left
+    monkeypatch.undo()
+    write(path, xyz[:10])
+    np.testing.assert_array_equal(read_points(path)[:, :3], xyz[:10])
+
+
 # --- corrupt files -------------------------------------------------------------------------------
 def _raises_naming(path, fn, *words):
     with pytest.raises(DataError) as exc:
