@@ -51,6 +51,9 @@ __all__ = ["prepare_scene", "TrainState", "build", "train_step", "train", "evalu
 
 _GROUPS = ("means", "scales", "quats", "opacities", "sh0", "shN")
 _COMPACT_GROUPS = ("means", "scales", "quats", "opacities", "mask")
+# Logged as sums over the log window: the net change of the Gaussian count by the strategy
+# (clone / split minus its opacity and size pruning) and the Gaussians removed by the volume mask.
+_COUNTS = ("gaussians_refined", "gaussians_masked")
 
 
 def _groups(cfg: SplatConfig) -> tuple[str, ...]:
@@ -328,11 +331,15 @@ def train_step(cfg: SplatConfig, ts: TrainState, step: int) -> dict[str, torch.T
         opt.step()
         opt.zero_grad(set_to_none=True)
     ts.scheduler.step()
+    n0 = len(p["means"])
     ts.strategy.step_post_backward(p, ts.optimizers, ts.strategy_state, it, meta, packed=False)
+    n1 = len(p["means"])
+    counts = {"gaussians_refined": n1 - n0}
     if ts.compact is not None:
         _prune_masked(cfg, ts, it)
+        counts["gaussians_masked"] = n1 - len(p["means"])
     return {"loss": loss.detach(), "l1": l1.detach(), "d_ssim": d_ssim.detach(), "sh_degree": sh_degree,
-            **{f"loss_{k}": v.detach() for k, v in terms.items()}}
+            **{f"loss_{k}": v.detach() for k, v in terms.items()}, **counts}
 
 
 def _prune_masked(cfg: SplatConfig, ts: TrainState, it: int) -> None:
@@ -370,11 +377,11 @@ def train(cfg: SplatConfig, out_dir: str | Path, resume: bool = False) -> dict:
             window.setdefault("step_ms", []).append(1e3 * (time.perf_counter() - t0))
             done = step + 1
             logger.step()
-            for k in ("loss", "l1", "d_ssim", "loss_mask", "loss_vq"):
+            for k in ("loss", "l1", "d_ssim", "loss_mask", "loss_vq", *_COUNTS):
                 if k in out:
                     window.setdefault(k, []).append(float(out[k]))
             if done % cfg.train.log_every == 0 or done == T:
-                scalars = {k: float(np.mean(v)) for k, v in window.items()}
+                scalars = {k: float(np.sum(v) if k in _COUNTS else np.mean(v)) for k, v in window.items()}
                 scalars.update(num_gaussians=len(ts.params["means"]), lr_means=ts.optimizers["means"].param_groups[0]["lr"])
                 if out["sh_degree"] is not None:
                     scalars["sh_degree"] = out["sh_degree"]

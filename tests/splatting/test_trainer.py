@@ -162,7 +162,7 @@ COMPACT = ("compact={hash_levels: 4, hash_log2_size: 10, mlp_hidden: 16, vq_stag
 def test_compact_training_resumes_exactly_and_renders_from_its_file(scene_root, tmp_path, monkeypatch):
     from splatting.compact.model import CompactGaussians
 
-    cfg = tiny_cfg(scene_root, COMPACT)
+    cfg = tiny_cfg(scene_root, COMPACT, "compact.mask_init=-3.0")  # masks prune within the 60 steps
     result = trainer.train(cfg, tmp_path / "a")
     ts = trainer.build(cfg)
     before = trainer.evaluate_views(trainer.snapshot(ts), ts.test_set, cfg, None)
@@ -186,6 +186,11 @@ def test_compact_training_resumes_exactly_and_renders_from_its_file(scene_root, 
     monkeypatch.setattr(trainer, "train_step", real_step)
     trainer.train(cfg, tmp_path / "b", resume=True)
     ref, resumed = (read_checkpoint(resolve_latest(tmp_path / d / "ckpt")) for d in ("a", "b"))
+    # the logged counts account for every Gaussian added or removed
+    logged = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    refined, masked = (sum(rec.get(k, 0) for rec in logged) for k in ("gaussians_refined", "gaussians_masked"))
+    assert masked > 0
+    assert len(ts.params["means"]) + refined - masked == len(ref["model"]["means"])
     for k in ref["model"]:
         torch.testing.assert_close(resumed["model"][k], ref["model"][k], rtol=0, atol=1e-6)
     for k in ref["compact"]:
