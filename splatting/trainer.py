@@ -317,7 +317,8 @@ def train_step(cfg: SplatConfig, ts: TrainState, step: int) -> dict[str, torch.T
         if not ts.compact.vq_active and step >= int(c.vq_start_fraction * cfg.train.max_steps):
             ts.compact.start_vq(p)
         rgb, _, _, meta, terms = ts.compact.render(p, viewmat, K, W, H, **kw)
-        extra = c.mask_lambda * terms["mask"] + c.vq_lambda * terms["vq"]
+        mask_on = step >= int(c.mask_start_fraction * cfg.train.max_steps)
+        extra = c.mask_lambda * mask_on * terms["mask"] + c.vq_lambda * terms["vq"]
     # The strategy counts iterations from 1, as the 3DGS paper's code does: gsplat's DefaultStrategy
     # resets opacities whenever `step % reset_every == 0`, which at a 0-based step 0 would set every
     # opacity to 0.01 before the first update (measured on a small synthetic scene: 17 -> 6.5 dB PSNR after 10 steps).

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from perception3d.errors import DataError
+from perception3d.errors import ConfigError, DataError
 from splatting.compact.codec import huffman_decode, huffman_encode, morton_order, read_container, write_container
 from splatting.compact.hashgrid import ColorField, HashGrid
 from splatting.compact.quantize import ResidualVQ, binary_mask, dequantize_uint8, quantize_uint8
@@ -50,6 +50,8 @@ class CompactOptions:
         mask_threshold: a Gaussian is masked when ``sigmoid(mask) <= mask_threshold``.
         mask_init: initial mask logit.
         mask_lr: Adam learning rate of the mask logits.
+        mask_start_fraction: the sparsity loss is on from this fraction of the steps (0: from the
+            start, as in the paper; before it, the masks only follow the rendering loss).
         prune_every: masked Gaussians are removed at every densification step and, after
             densification stops, every this many steps.
         hash_levels, hash_features, hash_log2_size, hash_min_resolution, hash_max_resolution:
@@ -68,6 +70,7 @@ class CompactOptions:
     mask_threshold: float = 0.01
     mask_init: float = 2.0
     mask_lr: float = 0.01
+    mask_start_fraction: float = 0.0
     prune_every: int = 500
     hash_levels: int = 8
     hash_features: int = 2
@@ -81,6 +84,11 @@ class CompactOptions:
     vq_start_fraction: float = 0.8
     vq_lr: float = 1e-3
     vq_lambda: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("mask_start_fraction", "vq_start_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"compact.{name} must be in [0, 1], got {getattr(self, name)}")
 
 
 def _field(o: CompactOptions) -> ColorField:

@@ -211,3 +211,16 @@ def test_masked_gaussians_are_removed_with_their_optimizer_state(scene_root):
     for k, opt in ts.optimizers.items():
         state = opt.state[opt.param_groups[0]["params"][0]]
         assert opt.param_groups[0]["params"][0] is ts.params[k] and (not state or len(state["exp_avg"]) == len(keep))
+
+
+def test_mask_sparsity_loss_starts_at_its_fraction_of_the_steps(scene_root):
+    delayed = tiny_cfg(scene_root, COMPACT, "compact.mask_start_fraction=0.5")  # from step 30 of 60
+    without = tiny_cfg(scene_root, COMPACT, "compact.mask_lambda=0.0")
+
+    def masks_after(cfg, step):
+        ts = trainer.build(cfg)
+        trainer.train_step(cfg, ts, step)
+        return ts.params["mask"].detach()
+
+    assert torch.equal(masks_after(delayed, 29), masks_after(without, 29))
+    assert not torch.equal(masks_after(delayed, 30), masks_after(without, 30))
