@@ -347,7 +347,9 @@ class SetAttentionLayer(nn.Module):
                 slot: torch.Tensor, cell: torch.Tensor, cell_pos: torch.Tensor) -> torch.Tensor:
         d = x.shape[1]
         heads = self.num_heads
-        h = x + self.pos(cell_pos)[cell]
+        # index_select rather than advanced indexing: its backward is an index_add, 2.4x faster on
+        # CPU than advanced indexing's accumulating index_put (60k rows of 256 channels)
+        h = x + self.pos(cell_pos).index_select(0, cell)
         w, b = self.in_proj.weight, self.in_proj.bias
         dh = d // heads
         qk = F.linear(h, w[: 2 * d], b[: 2 * d])
@@ -356,10 +358,11 @@ class SetAttentionLayer(nn.Module):
         for voxels, mask in zip(sets, masks):
             T, L = voxels.shape
             idx = voxels.flatten()
-            g = qk[idx].view(T, L, 2, heads, dh).permute(2, 0, 3, 1, 4)
-            attn = _attention(g[0], g[1], v[idx].view(T, L, heads, dh).transpose(1, 2), mask[:, None, None, :])
+            g = qk.index_select(0, idx).view(T, L, 2, heads, dh).permute(2, 0, 3, 1, 4)
+            vv = v.index_select(0, idx).view(T, L, heads, dh).transpose(1, 2)
+            attn = _attention(g[0], g[1], vv, mask[:, None, None, :])
             outs.append(attn.transpose(1, 2).reshape(T * L, d))
-        out = torch.cat(outs)[slot]
+        out = torch.cat(outs).index_select(0, slot)
         x = self.norm1(x + self.out_proj(out))
         return self.norm2(x + self.ffn(x))
 
@@ -539,12 +542,11 @@ class DSVTBackbone(nn.Module):
         w = self.bev_fold.weight.view(C, Z, c, p, p).permute(1, 3, 4, 0, 2).reshape(Z * p * p, C, c)
         k = (z * p + y % p) * p + x % p
         cell = (b * Yc + y // p) * Xc + x // p
-        bev = out.feats.new_zeros(out.batch_size * Yc * Xc, C)
         order = torch.argsort(k)
         counts = torch.bincount(k, minlength=len(w)).tolist()
-        for j, rows in enumerate(torch.split(order, counts)):
-            if len(rows):
-                bev = bev.index_add(0, cell[rows], F.linear(out.feats[rows], w[j]))
+        feats = out.feats.index_select(0, order).split(counts)
+        folded = torch.cat([F.linear(f, w[j]) for j, f in enumerate(feats)])
+        bev = folded.new_zeros(out.batch_size * Yc * Xc, C).index_add(0, cell.index_select(0, order), folded)
         return bev.view(out.batch_size, Yc, Xc, C).permute(0, 3, 1, 2).contiguous()
 
 
