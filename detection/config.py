@@ -58,11 +58,16 @@ class EvalConfig:
         distance_bins_m: BEV range bins for AP by distance.
         num_pictures: validation frames drawn (BEV + camera) after evaluation.
         real_kitti_root: a real KITTI-layout root to run inference on and draw (skipped if absent).
+        baseline: a folder of KITTI result files for the held-out frames (another run's
+            `predictions/`, which every evaluation writes) to compare with: the metrics then hold
+            the moderate 3D AP's difference to it and the difference's paired 95% bootstrap
+            interval over frames (`<class>/3d_R40_minus_baseline/moderate[_low|_high]`).
     """
 
     distance_bins_m: tuple[float, ...] = (0.0, 20.0, 40.0, 70.4)
     num_pictures: int = 2
     real_kitti_root: Optional[str] = "../shared/data/kitti"
+    baseline: Optional[str] = None
 
 
 @dataclass(frozen=True)

@@ -18,12 +18,13 @@ from tqdm import tqdm
 from detection.config import DataConfig, DetectionConfig
 from detection.data import DetectionDataset, frame_targets
 from detection.models.detector import CenterPointDetector
+from detection.predictions import read_predictions, write_predictions
 from detection.structures import collate
 from perception3d.engine import distributed, fit, load_checkpoint, seed_everything
 from perception3d.io.atomic import atomic_write_text
 from perception3d.io.kitti import KittiDataset
-from perception3d.metrics.detection import (FrameGT, box_errors, kitti_ap, kitti_ap_by_distance, kitti_difficulty,
-                                           nuscenes_map, oracle_ap)
+from perception3d.metrics.detection import (FrameGT, box_errors, kitti_ap, kitti_ap_by_distance, kitti_ap_interval,
+                                           kitti_difficulty, nuscenes_map, oracle_ap)
 from perception3d.structures import CLASSES, Detections3D
 from perception3d.viz import draw_bev, draw_camera, save_figure
 
@@ -81,10 +82,16 @@ def predict(model, dataset: DetectionDataset, batch_size: int = 2, desc: str = "
     return out
 
 
-def evaluate_model(model, dataset: DetectionDataset, distance_bins_m=(0.0, 20.0, 40.0, 70.4)) -> tuple[dict, list]:
-    """KITTI 3D/BEV AP (R40), AP by distance, nuScenes-style mAP, the median errors of matched
+def evaluate_model(model, dataset: DetectionDataset, distance_bins_m=(0.0, 20.0, 40.0, 70.4),
+                   baseline: str | Path | None = None) -> tuple[dict, list]:
+    """KITTI 3D/BEV AP (R40), AP by distance, the moderate 3D AP's 95% bootstrap interval over
+    frames (`kitti_ap_interval`), nuScenes-style mAP, the median errors of matched
     boxes (`box_errors`: moderate GT, 2 m BEV matching) and the moderate 3D AP with one box part
     made exact (`oracle_ap`: where the 3D AP is lost) on `dataset`.
+
+    With `baseline` (a folder of KITTI result files for the same frames, e.g. another run's
+    `predictions/`), also the moderate 3D AP's difference to the baseline's with its paired 95%
+    bootstrap interval (`Car/3d_R40_minus_baseline/moderate`, `..._low`, `..._high`).
 
     Returns `(metrics, detections)`; metric keys look like `Car/3d_R40/moderate`,
     `Car/box_error_median/z_m`, `Car/3d_R40_oracle/z_height`.
@@ -101,6 +108,17 @@ def evaluate_model(model, dataset: DetectionDataset, distance_bins_m=(0.0, 20.0,
     for cls, by_bin in by_dist.items():
         for rng, ap in by_bin.items():
             metrics[f"{cls}/3d_R40_by_distance/{rng}"] = float(ap)
+    for cls, (low, high) in kitti_ap_interval(gts, dets, classes=dataset.classes).items():
+        metrics[f"{cls}/3d_R40_interval95/moderate_low"] = low
+        metrics[f"{cls}/3d_R40_interval95/moderate_high"] = high
+    if baseline is not None:
+        base = read_predictions(dataset.kitti, baseline, dataset.classes)
+        base_ap = kitti_ap(gts, base, classes=dataset.classes)
+        paired = kitti_ap_interval(gts, dets, classes=dataset.classes, baseline=base)
+        for cls, (low, high) in paired.items():
+            key = f"{cls}/3d_R40_minus_baseline/moderate"
+            metrics[key] = metrics[f"{cls}/3d_R40/moderate"] - float(base_ap[cls]["moderate"])
+            metrics[key + "_low"], metrics[key + "_high"] = low, high
     nus = nuscenes_map(gts, dets, classes=dataset.classes)
     metrics["nuscenes/mAP"] = float(nus["mAP"])
     for cls, errs in box_errors(gts, dets, classes=dataset.classes).items():
@@ -159,13 +177,25 @@ def _pictures(model, cfg: DetectionConfig, val_set: DetectionDataset, dets, out_
 
 
 def _summary(metrics: dict) -> str:
-    keys = [k for k in metrics if "/3d_R40/" in k or "/bev_R40/moderate" in k] + ["nuscenes/mAP"]
-    return "\n".join(f"  {k:32s} {metrics[k]:6.2f}" if metrics[k] == metrics[k] else f"  {k:32s}    n/a"
-                     for k in keys if k in metrics)
+    keys = [k for k in metrics if "/3d_R40/" in k or "/bev_R40/moderate" in k
+            or ("/3d_R40_minus_baseline/" in k and k.endswith("moderate"))] + ["nuscenes/mAP"]
+    intervals = {k: k.replace("/3d_R40/", "/3d_R40_interval95/") for k in keys if k.endswith("/3d_R40/moderate")}
+    intervals.update({k: k for k in keys if "_minus_baseline/" in k})
+
+    def line(k):
+        v = metrics[k]
+        if v != v:
+            return f"  {k:36s}    n/a"
+        lo, hi = metrics.get(intervals.get(k, "") + "_low"), metrics.get(intervals.get(k, "") + "_high")
+        extra = f"  (95% interval over frames {lo:.2f} to {hi:.2f})" if lo is not None and lo == lo else ""
+        return f"  {k:36s} {v:6.2f}{extra}"
+
+    return "\n".join(line(k) for k in keys if k in metrics)
 
 
 def _finish(model, cfg: DetectionConfig, val_set, out_dir: Path, extra: dict, evaluated=None) -> dict:
-    metrics, dets = evaluated or evaluate_model(model, val_set, cfg.eval.distance_bins_m)
+    metrics, dets = evaluated or evaluate_model(model, val_set, cfg.eval.distance_bins_m, cfg.eval.baseline)
+    write_predictions(val_set.kitti, dets, out_dir / "predictions", val_set.classes)
     pictures = _pictures(model, cfg, val_set, dets, out_dir)
     # AP is undefined (NaN) for a class without ground truth at a difficulty; JSON gets null
     clean = {k: (None if v != v else v) for k, v in metrics.items()}
@@ -188,7 +218,7 @@ def train(cfg: DetectionConfig, out_dir: str | Path, resume: bool = False) -> di
     last = {}  # the latest full evaluation, reused for the final metrics and pictures
 
     def evaluate_fn(m, step):
-        last["step"], last["result"] = step, evaluate_model(m, val_set, cfg.eval.distance_bins_m)
+        last["step"], last["result"] = step, evaluate_model(m, val_set, cfg.eval.distance_bins_m, cfg.eval.baseline)
         return {k: v for k, v in last["result"][0].items() if k.endswith("/moderate") or k == "nuscenes/mAP"}
 
     stats = fit(model, train_set, collate, cfg.train, out_dir, evaluate_fn=evaluate_fn, resume=resume)

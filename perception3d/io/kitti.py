@@ -137,13 +137,14 @@ def read_label(path: str | Path) -> KittiLabels:
     )
 
 
-def write_label(path: str | Path, labels: KittiLabels) -> None:
-    """Write labels in KITTI text form (2 decimals, as the official files)."""
+def write_label(path: str | Path, labels: KittiLabels, decimals: int = 2) -> None:
+    """Write labels in KITTI text form (atomically): 2 decimals as the official label files,
+    more for detections (OpenPCDet writes result files with 4); the score always gets 4."""
     lines = []
     for i in range(len(labels)):
         vals = [labels.truncated[i], labels.occluded[i], labels.alpha[i], *labels.bbox2d[i], *labels.dims_hwl[i],
                 *labels.loc_cam[i], labels.rotation_y[i]]
-        s = f"{labels.names[i]} {vals[0]:.2f} {int(vals[1])} " + " ".join(f"{v:.2f}" for v in vals[2:])
+        s = f"{labels.names[i]} {vals[0]:.2f} {int(vals[1])} " + " ".join(f"{v:.{decimals}f}" for v in vals[2:])
         if labels.score is not None:
             s += f" {labels.score[i]:.4f}"
         lines.append(s)

@@ -49,6 +49,13 @@ Box errors (`box_errors`)
       ambiguity). Unlike nuScenes' TP metrics these are not weighted by
       recall.
 
+AP interval (`kitti_ap_interval`)
+    * A percentile bootstrap over frames: the frames are drawn with replacement, the AP of the
+      draw computed from the same per-frame matches, and the central share of the draws' APs
+      reported. It is the evaluation set's sampling noise, not the spread between training runs.
+      With a baseline (other detections of the same frames) it is the interval of the AP
+      difference, both APs computed on the same draws (paired).
+
 Oracle AP (`oracle_ap`)
     * Where the KITTI AP is lost: the AP again, with one part of every detection replaced by
       that of the nearest GT box of its class (BEV centre distance below `max_dist_m`, any
@@ -78,6 +85,7 @@ __all__ = [
     "kitti_difficulty",
     "kitti_ap",
     "kitti_ap_by_distance",
+    "kitti_ap_interval",
     "nuscenes_map",
     "box_errors",
     "oracle_ap",
@@ -301,15 +309,13 @@ def _per_class_matches(gts, dets, label: int, pair_fn: Callable, threshold: floa
     return out
 
 
-def _score(frames, gt_valid_fn, det_outside_fn, num_recall_points) -> float:
-    """AP for one setting: `gt_valid_fn(gt_boxes, gt_diff) -> [G] bool`,
-    `det_outside_fn(det_boxes) -> [D] bool` (unmatched detections there are ignored)."""
-    all_scores, all_tp, num_gt = [], [], 0
+def _frame_tallies(frames, gt_valid_fn, det_outside_fn) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """Per frame, what one setting counts: `(scores [K], is_tp [K], valid GT)` of its counted
+    detections. `gt_valid_fn(gt_boxes, gt_diff) -> [G] bool`, `det_outside_fn(det_boxes) -> [D]
+    bool` (unmatched detections there are ignored)."""
+    out = []
     for gt_boxes, gt_diff, det_boxes, det_scores, matched in frames:
         valid = gt_valid_fn(gt_boxes, gt_diff).numpy()
-        num_gt += int(valid.sum())
-        if det_scores.size == 0:
-            continue
         hit = matched >= 0
         tp = np.zeros_like(hit)
         tp[hit] = valid[matched[hit]]
@@ -317,11 +323,19 @@ def _score(frames, gt_valid_fn, det_outside_fn, num_recall_points) -> float:
         # TP, or unmatched and inside the evaluated region (FP). Matched to an ignored GT, or
         # unmatched outside the region: neither, dropped.
         counted = tp | (~hit & ~outside)
-        all_scores.append(det_scores[counted])
-        all_tp.append(tp[counted])
-    scores = np.concatenate(all_scores) if all_scores else np.zeros(0)
-    tps = np.concatenate(all_tp) if all_tp else np.zeros(0, dtype=bool)
-    return average_precision_r40(scores, tps, num_gt, num_recall_points)
+        out.append((det_scores[counted], tp[counted], int(valid.sum())))
+    return out
+
+
+def _tallies_ap(tallies, num_recall_points) -> float:
+    scores = np.concatenate([t[0] for t in tallies]) if tallies else np.zeros(0)
+    tps = np.concatenate([t[1] for t in tallies]) if tallies else np.zeros(0, dtype=bool)
+    return average_precision_r40(scores, tps, sum(t[2] for t in tallies), num_recall_points)
+
+
+def _score(frames, gt_valid_fn, det_outside_fn, num_recall_points) -> float:
+    """AP for one setting (arguments as for `_frame_tallies`)."""
+    return _tallies_ap(_frame_tallies(frames, gt_valid_fn, det_outside_fn), num_recall_points)
 
 
 def _iou_fn(metric: str) -> Callable:
@@ -384,6 +398,75 @@ def kitti_ap(
                 num_recall_points,
             )
     result["mAP"] = {name: _nan_mean(result[c][name] for c in classes) for name in DIFFICULTIES}
+    return result
+
+
+def kitti_ap_interval(
+    gts: Sequence[FrameGT],
+    dets: Sequence[Detections3D],
+    classes: Sequence[str] = CLASSES,
+    iou_thresholds: Mapping[str, float] = _DEFAULT_IOU,
+    metric: str = "3d",
+    difficulty: str = "moderate",
+    confidence: float = 0.95,
+    resamples: int = 1000,
+    seed: int = 0,
+    baseline: Sequence[Detections3D] | None = None,
+    class_names: Sequence[str] | None = None,
+) -> dict:
+    """Bootstrap interval of the KITTI AP (R40) over frames: how far the AP of these detections
+    would move on another evaluation set of the same size and kind; with `baseline`, the
+    interval of the difference `AP(dets) - AP(baseline)`, paired (both on the same draws).
+
+    The frames are drawn with replacement `resamples` times (the matching is per frame, so it is
+    done once) and the AP recomputed; the interval is the central `confidence` share of those APs
+    (percentile bootstrap). It measures the evaluation set's sampling noise only, not the spread
+    between training runs.
+
+    Args:
+        gts, dets, classes, iou_thresholds, metric, class_names: as for :func:`kitti_ap`.
+        difficulty: the KITTI difficulty ("easy", "moderate" or "hard").
+        confidence: the interval's coverage, in (0, 1).
+        resamples: bootstrap draws.
+        seed: seed of the draws (the interval is deterministic given it).
+        baseline: other detections of the same frames (same order), or None.
+
+    Returns:
+        `{class: (low, high)}`, AP (or AP difference) in percent; `(nan, nan)` where a class has
+        no valid GT.
+    """
+    ids = _check_inputs(gts, dets, classes, class_names)
+    if baseline is not None:
+        _check_inputs(gts, baseline, classes, class_names)
+    if difficulty not in DIFFICULTIES:
+        raise DataError(f"difficulty: expected one of {DIFFICULTIES}, got {difficulty!r}")
+    if not 0.0 < confidence < 1.0:
+        raise DataError(f"confidence: expected a share in (0, 1), got {confidence!r}")
+    if int(resamples) < 1:
+        raise DataError(f"resamples: expected a positive count, got {resamples!r}")
+    level = DIFFICULTIES.index(difficulty)
+    pair_fn = _iou_fn(metric)
+    thr = _thresholds(classes, iou_thresholds)
+    draws = np.random.default_rng(seed).integers(0, len(gts), size=(int(resamples), len(gts)))
+
+    def tallies(d, c):
+        return _frame_tallies(_per_class_matches(gts, d, ids[c], pair_fn, thr[c]),
+                              lambda b, diff: (diff >= 0) & (diff <= level),
+                              lambda b: torch.zeros(b.shape[0], dtype=torch.bool))
+
+    tail = (1.0 - confidence) / 2 * 100
+    result = {}
+    for c in classes:
+        t = tallies(dets, c)
+        if not sum(f[2] for f in t):
+            result[c] = (float("nan"), float("nan"))
+            continue
+        aps = np.array([_tallies_ap([t[i] for i in row], 40) for row in draws])
+        if baseline is not None:
+            tb = tallies(baseline, c)
+            aps = aps - np.array([_tallies_ap([tb[i] for i in row], 40) for row in draws])
+        aps = aps[~np.isnan(aps)]  # a draw without valid GT has no AP
+        result[c] = (float(np.percentile(aps, tail)), float(np.percentile(aps, 100 - tail)))
     return result
 
 

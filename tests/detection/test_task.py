@@ -12,7 +12,10 @@ import torch
 from PIL import Image
 
 from detection.data import AugmentConfig, DetectionDataset, _augment
+from detection.predictions import read_predictions, write_predictions
 from detection.task import evaluate_model
+from perception3d.errors import DataError
+from perception3d.io.kitti import read_label
 from perception3d.geometry.boxes import points_in_boxes_count
 from perception3d.structures import Boxes3D, Detections3D
 from perception3d.synthetic.dataset import write_kitti_dataset
@@ -95,6 +98,45 @@ def test_evaluate_model_oracle_finds_the_wrong_part(synthetic_root):
     assert metrics["Car/3d_R40_oracle/xy"] == metrics["Car/3d_R40_oracle/size"] == 0.0
 
 
+def test_predictions_round_trip_and_paired_baseline(synthetic_root, tmp_path):
+    ds = DetectionDataset(synthetic_root, "train", PC_RANGE)
+    _, dets = evaluate_model(_GroundTruthModel(), ds)
+    for d in dets:  # distinct scores, so the order survives the file
+        d.scores.copy_(torch.linspace(0.95, 0.5, len(d.scores)))
+    write_predictions(ds.kitti, dets, tmp_path / "gt_pred", ds.classes)
+    back = read_predictions(ds.kitti, tmp_path / "gt_pred", ds.classes)
+    for a, b in zip(dets, back):
+        assert torch.equal(a.labels, b.labels)
+        torch.testing.assert_close(b.scores, a.scores, atol=1e-4, rtol=0)
+        err = (b.boxes.tensor - a.boxes.tensor).abs()
+        assert err[:, :6].max() < 2e-4  # 4 decimals in the camera frame
+        yaw = torch.remainder(err[:, 6] + torch.pi, 2 * torch.pi) - torch.pi
+        assert yaw.abs().max() < 2e-4
+    # the file is KITTI's result format: 16 fields, a 2D box inside the image
+    lab = read_label(tmp_path / "gt_pred" / f"{ds.kitti.ids[0]}.txt")
+    assert lab.score is not None and len(lab) == len(dets[0].scores)
+    assert (lab.bbox2d[:, 2] >= lab.bbox2d[:, 0]).all() and (lab.bbox2d[:, 2:] > 0).any()
+    # paired comparison against these files: itself 0, boxes moved 5 m -100 on every draw
+    same, _ = evaluate_model(_GroundTruthModel(), ds, baseline=tmp_path / "gt_pred")
+    assert same["Car/3d_R40_minus_baseline/moderate"] == pytest.approx(0.0, abs=0.05)
+
+    class Shifted(_GroundTruthModel):
+        def forward(self, batch):
+            return [Detections3D(Boxes3D(d.boxes.tensor + torch.tensor([5.0, 0, 0, 0, 0, 0, 0])), d.scores, d.labels)
+                    for d in super().forward(batch)]
+
+    worse, _ = evaluate_model(Shifted(), ds, baseline=tmp_path / "gt_pred")
+    assert worse["Car/3d_R40_minus_baseline/moderate"] == pytest.approx(-100.0)
+    assert worse["Car/3d_R40_minus_baseline/moderate_low"] == worse["Car/3d_R40_minus_baseline/moderate_high"] \
+        == pytest.approx(-100.0)
+    # bad folders: one clear error naming the file
+    (tmp_path / "gt_pred" / f"{ds.kitti.ids[1]}.txt").unlink()
+    with pytest.raises(DataError, match=f"{ds.kitti.ids[1]}.txt: no predictions"):
+        read_predictions(ds.kitti, tmp_path / "gt_pred", ds.classes)
+    with pytest.raises(DataError, match="with a score"):
+        read_predictions(ds.kitti, synthetic_root / "training" / "label_2", ds.classes)  # labels, not results
+
+
 def test_train_then_eval_cli(synthetic_root, tmp_path):
     """tools/train.py on a tiny config writes metrics and pictures; tools/eval.py reproduces the metrics."""
     cfg = tmp_path / "tiny.yaml"
@@ -128,3 +170,11 @@ eval: {{num_pictures: 1, real_kitti_root: null}}
     assert run.returncode == 0, run.stderr[-3000:]
     again = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert again["metrics"] == pytest.approx(result["metrics"])
+    # both wrote the held-out frame's detections as a KITTI result file; against its own, no difference
+    assert sorted(p.name for p in (out / "predictions").iterdir()) == ["000003.txt"]
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "eval.py"), "--config", str(cfg), "--ckpt", str(out),
+                          "--set", f"eval.baseline={out / 'predictions'}", "--out", str(tmp_path / "ev2")],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    paired = json.loads((tmp_path / "ev2" / "metrics.json").read_text())["metrics"]
+    assert paired["Car/3d_R40_minus_baseline/moderate"] == pytest.approx(0.0, abs=0.05)

@@ -15,6 +15,7 @@ from perception3d.metrics.detection import (
     oracle_ap,
     kitti_ap,
     kitti_ap_by_distance,
+    kitti_ap_interval,
     kitti_difficulty,
     nuscenes_map,
 )
@@ -307,3 +308,62 @@ def test_oracle_ap_known_answers():
     assert oracle_ap([gt], [det], classes=("Car",), max_dist_m=0.5)["Car"]["xy"] == pytest.approx(6.25)
     with pytest.raises(DataError, match="difficulty"):
         oracle_ap([gt], [det], classes=("Car",), difficulty="medium")
+
+
+def test_kitti_ap_interval_against_naive_bootstrap():
+    # Detections: the GT jittered, some dropped, some false positives, random scores.
+    gts = _scene(3, n_frames=9)
+    g = torch.Generator().manual_seed(4)
+    dets = []
+    for gt in gts:
+        keep = torch.rand(len(gt), generator=g) > 0.25
+        boxes = gt.boxes[keep].clone()
+        boxes[:, :3] += 0.15 * torch.randn(boxes.shape[0], 3, generator=g)
+        fp = torch.tensor([_box(60.0 + float(torch.rand(1, generator=g)), 20.0)])
+        boxes = torch.cat([boxes, fp])
+        labels = torch.cat([gt.labels[keep], torch.zeros(1, dtype=torch.int64)])
+        dets.append(_dets(boxes, torch.rand(boxes.shape[0], generator=g).tolist(), labels))
+    res = kitti_ap_interval(gts, dets, resamples=200, confidence=0.9, seed=7)
+    # the same draws through kitti_ap on the resampled frame lists
+    draws = np.random.default_rng(7).integers(0, len(gts), size=(200, len(gts)))
+    for c in ("Car", "Pedestrian", "Cyclist"):
+        aps = [kitti_ap([gts[i] for i in row], [dets[i] for i in row])[c]["moderate"] for row in draws]
+        want = np.percentile(aps, [5, 95])
+        assert res[c] == pytest.approx(tuple(want), abs=1e-9)
+        assert res[c][0] < res[c][1]  # the frames differ, so the draws do
+        plain = kitti_ap(gts, dets)[c]["moderate"]
+        assert res[c][0] <= plain <= res[c][1]
+
+
+def test_kitti_ap_interval_paired_difference():
+    gts = _scene(5, n_frames=8)
+    good = [_dets(g.boxes, torch.linspace(1, 0.5, len(g)).tolist(), g.labels) for g in gts]
+    shifted = []
+    for g in gts:  # every other box 1 m off: a miss and a false positive each
+        b = g.boxes.clone()
+        b[::2, 0] += 1.0
+        shifted.append(_dets(b, torch.linspace(1, 0.5, len(g)).tolist(), g.labels))
+    diff = kitti_ap_interval(gts, shifted, baseline=good, resamples=300, seed=1)
+    draws = np.random.default_rng(1).integers(0, len(gts), size=(300, len(gts)))
+    for c in ("Car", "Pedestrian", "Cyclist"):
+        # the same draws through kitti_ap, each model on its own
+        d = [kitti_ap([gts[i] for i in row], [shifted[i] for i in row])[c]["moderate"]
+             - kitti_ap([gts[i] for i in row], [good[i] for i in row])[c]["moderate"] for row in draws]
+        assert diff[c] == pytest.approx(tuple(np.percentile(d, [2.5, 97.5])), abs=1e-9)
+        assert diff[c][1] < 0  # the shifted boxes are worse on every draw
+    # a model against itself: exactly zero on every draw
+    assert kitti_ap_interval(gts, good, baseline=good, resamples=50)["Car"] == (0.0, 0.0)
+
+
+def test_kitti_ap_interval_known_answers():
+    # identical frames: every draw is the same set, the interval is the AP itself (50: one of two found)
+    gt = _cars([10.0, 20.0], diff=[1, 1])
+    det = _dets([_box(10.0, 0.0)], [0.9], [0])
+    lo, hi = kitti_ap_interval([gt] * 5, [det] * 5, classes=("Car",))["Car"]
+    assert lo == hi == pytest.approx(kitti_ap([gt], [det], classes=("Car",))["Car"]["moderate"])
+    # no valid GT of the class: nan
+    assert all(math.isnan(v) for v in kitti_ap_interval([gt], [det], classes=("Car", "Cyclist"))["Cyclist"])
+    with pytest.raises(DataError, match="confidence"):
+        kitti_ap_interval([gt], [det], classes=("Car",), confidence=95)
+    with pytest.raises(DataError, match="resamples"):
+        kitti_ap_interval([gt], [det], classes=("Car",), resamples=0)
