@@ -193,6 +193,12 @@ def _summary(metrics: dict) -> str:
     return "\n".join(line(k) for k in keys if k in metrics)
 
 
+def _check_baseline(cfg: DetectionConfig, val_set: DetectionDataset) -> None:
+    """Read `eval.baseline` once before any work, so that a wrong folder fails now, not after training."""
+    if cfg.eval.baseline is not None:
+        read_predictions(val_set.kitti, cfg.eval.baseline, val_set.classes)
+
+
 def _finish(model, cfg: DetectionConfig, val_set, out_dir: Path, extra: dict, evaluated=None) -> dict:
     metrics, dets = evaluated or evaluate_model(model, val_set, cfg.eval.distance_bins_m, cfg.eval.baseline)
     write_predictions(val_set.kitti, dets, out_dir / "predictions", val_set.classes)
@@ -212,6 +218,7 @@ def train(cfg: DetectionConfig, out_dir: str | Path, resume: bool = False) -> di
     root = prepare_data(cfg.data)
     train_set = DetectionDataset(root, cfg.data.train_split, cfg.model.pc_range_m, cfg.data.augment)
     val_set = DetectionDataset(root, cfg.data.val_split, cfg.model.pc_range_m, None)
+    _check_baseline(cfg, val_set)
     seed_everything(cfg.train.seed)
     model = CenterPointDetector(cfg.model)
 
@@ -233,6 +240,7 @@ def evaluate(cfg: DetectionConfig, ckpt: str | Path, out_dir: str | Path) -> dic
     out_dir = Path(out_dir)
     root = prepare_data(cfg.data)
     val_set = DetectionDataset(root, cfg.data.val_split, cfg.model.pc_range_m, None)
+    _check_baseline(cfg, val_set)
     model = CenterPointDetector(cfg.model)
     load_checkpoint(ckpt, model)
     return _finish(model, cfg, val_set, out_dir, {"checkpoint": str(ckpt)})
