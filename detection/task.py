@@ -9,6 +9,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from typing import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -83,15 +84,15 @@ def predict(model, dataset: DetectionDataset, batch_size: int = 2, desc: str = "
 
 
 def evaluate_model(model, dataset: DetectionDataset, distance_bins_m=(0.0, 20.0, 40.0, 70.4),
-                   baseline: str | Path | None = None) -> tuple[dict, list]:
+                   baseline: Sequence[Detections3D] | None = None) -> tuple[dict, list]:
     """KITTI 3D/BEV AP (R40), AP by distance, the moderate 3D AP's 95% bootstrap interval over
     frames (`kitti_ap_interval`), nuScenes-style mAP, the median errors of matched
     boxes (`box_errors`: moderate GT, 2 m BEV matching) and the moderate 3D AP with one box part
     made exact (`oracle_ap`: where the 3D AP is lost) on `dataset`.
 
-    With `baseline` (a folder of KITTI result files for the same frames, e.g. another run's
-    `predictions/`), also the moderate 3D AP's difference to the baseline's with its paired 95%
-    bootstrap interval (`Car/3d_R40_minus_baseline/moderate`, `..._low`, `..._high`).
+    With `baseline` (another model's detections of the same frames, e.g. `read_predictions` of
+    another run's `predictions/`), also the moderate 3D AP's difference to the baseline's with
+    its paired 95% bootstrap interval (`Car/3d_R40_minus_baseline/moderate`, `..._low`, `..._high`).
 
     Returns `(metrics, detections)`; metric keys look like `Car/3d_R40/moderate`,
     `Car/box_error_median/z_m`, `Car/3d_R40_oracle/z_height`.
@@ -112,9 +113,8 @@ def evaluate_model(model, dataset: DetectionDataset, distance_bins_m=(0.0, 20.0,
         metrics[f"{cls}/3d_R40_interval95/moderate_low"] = low
         metrics[f"{cls}/3d_R40_interval95/moderate_high"] = high
     if baseline is not None:
-        base = read_predictions(dataset.kitti, baseline, dataset.classes)
-        base_ap = kitti_ap(gts, base, classes=dataset.classes)
-        paired = kitti_ap_interval(gts, dets, classes=dataset.classes, baseline=base)
+        base_ap = kitti_ap(gts, baseline, classes=dataset.classes)
+        paired = kitti_ap_interval(gts, dets, classes=dataset.classes, baseline=baseline)
         for cls, (low, high) in paired.items():
             key = f"{cls}/3d_R40_minus_baseline/moderate"
             metrics[key] = metrics[f"{cls}/3d_R40/moderate"] - float(base_ap[cls]["moderate"])
@@ -193,14 +193,14 @@ def _summary(metrics: dict) -> str:
     return "\n".join(line(k) for k in keys if k in metrics)
 
 
-def _check_baseline(cfg: DetectionConfig, val_set: DetectionDataset) -> None:
-    """Read `eval.baseline` once before any work, so that a wrong folder fails now, not after training."""
-    if cfg.eval.baseline is not None:
-        read_predictions(val_set.kitti, cfg.eval.baseline, val_set.classes)
+def _read_baseline(cfg: DetectionConfig, val_set: DetectionDataset) -> list[Detections3D] | None:
+    """`eval.baseline`'s detections, read once before any work, so that a wrong folder fails now,
+    not after training."""
+    return None if cfg.eval.baseline is None else read_predictions(val_set.kitti, cfg.eval.baseline, val_set.classes)
 
 
-def _finish(model, cfg: DetectionConfig, val_set, out_dir: Path, extra: dict, evaluated=None) -> dict:
-    metrics, dets = evaluated or evaluate_model(model, val_set, cfg.eval.distance_bins_m, cfg.eval.baseline)
+def _finish(model, cfg: DetectionConfig, val_set, out_dir: Path, extra: dict, baseline, evaluated=None) -> dict:
+    metrics, dets = evaluated or evaluate_model(model, val_set, cfg.eval.distance_bins_m, baseline)
     write_predictions(val_set.kitti, dets, out_dir / "predictions", val_set.classes)
     pictures = _pictures(model, cfg, val_set, dets, out_dir)
     # AP is undefined (NaN) for a class without ground truth at a difficulty; JSON gets null
@@ -218,21 +218,21 @@ def train(cfg: DetectionConfig, out_dir: str | Path, resume: bool = False) -> di
     root = prepare_data(cfg.data)
     train_set = DetectionDataset(root, cfg.data.train_split, cfg.model.pc_range_m, cfg.data.augment)
     val_set = DetectionDataset(root, cfg.data.val_split, cfg.model.pc_range_m, None)
-    _check_baseline(cfg, val_set)
+    baseline = _read_baseline(cfg, val_set)
     seed_everything(cfg.train.seed)
     model = CenterPointDetector(cfg.model)
 
     last = {}  # the latest full evaluation, reused for the final metrics and pictures
 
     def evaluate_fn(m, step):
-        last["step"], last["result"] = step, evaluate_model(m, val_set, cfg.eval.distance_bins_m, cfg.eval.baseline)
+        last["step"], last["result"] = step, evaluate_model(m, val_set, cfg.eval.distance_bins_m, baseline)
         return {k: v for k, v in last["result"][0].items() if k.endswith("/moderate") or k == "nuscenes/mAP"}
 
     stats = fit(model, train_set, collate, cfg.train, out_dir, evaluate_fn=evaluate_fn, resume=resume)
     if not distributed.is_main_process():
         return {"train": stats}
     evaluated = last["result"] if last.get("step") == stats["step"] else None
-    return _finish(model, cfg, val_set, out_dir, {"train": stats}, evaluated)
+    return _finish(model, cfg, val_set, out_dir, {"train": stats}, baseline, evaluated)
 
 
 def evaluate(cfg: DetectionConfig, ckpt: str | Path, out_dir: str | Path) -> dict:
@@ -240,7 +240,7 @@ def evaluate(cfg: DetectionConfig, ckpt: str | Path, out_dir: str | Path) -> dic
     out_dir = Path(out_dir)
     root = prepare_data(cfg.data)
     val_set = DetectionDataset(root, cfg.data.val_split, cfg.model.pc_range_m, None)
-    _check_baseline(cfg, val_set)
+    baseline = _read_baseline(cfg, val_set)
     model = CenterPointDetector(cfg.model)
     load_checkpoint(ckpt, model)
-    return _finish(model, cfg, val_set, out_dir, {"checkpoint": str(ckpt)})
+    return _finish(model, cfg, val_set, out_dir, {"checkpoint": str(ckpt)}, baseline)

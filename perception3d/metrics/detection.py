@@ -338,6 +338,12 @@ def _score(frames, gt_valid_fn, det_outside_fn, num_recall_points) -> float:
     return _tallies_ap(_frame_tallies(frames, gt_valid_fn, det_outside_fn), num_recall_points)
 
 
+def _difficulty_level(difficulty: str) -> int:
+    if difficulty not in DIFFICULTIES:
+        raise DataError(f"difficulty: expected one of {DIFFICULTIES}, got {difficulty!r}")
+    return DIFFICULTIES.index(difficulty)
+
+
 def _iou_fn(metric: str) -> Callable:
     if metric == "3d":
         return iou_3d
@@ -438,13 +444,11 @@ def kitti_ap_interval(
     ids = _check_inputs(gts, dets, classes, class_names)
     if baseline is not None:
         _check_inputs(gts, baseline, classes, class_names)
-    if difficulty not in DIFFICULTIES:
-        raise DataError(f"difficulty: expected one of {DIFFICULTIES}, got {difficulty!r}")
+    level = _difficulty_level(difficulty)
     if not 0.0 < confidence < 1.0:
         raise DataError(f"confidence: expected a share in (0, 1), got {confidence!r}")
     if int(resamples) < 1:
         raise DataError(f"resamples: expected a positive count, got {resamples!r}")
-    level = DIFFICULTIES.index(difficulty)
     pair_fn = _iou_fn(metric)
     thr = _thresholds(classes, iou_thresholds)
     draws = np.random.default_rng(seed).integers(0, len(gts), size=(int(resamples), len(gts)))
@@ -690,8 +694,7 @@ def oracle_ap(
         `{class: {part: AP}}` for the parts of `ORACLE_PARTS`, AP in percent.
     """
     ids = _check_inputs(gts, dets, classes, class_names)
-    if difficulty not in DIFFICULTIES:
-        raise DataError(f"difficulty: expected one of {DIFFICULTIES}, got {difficulty!r}")
+    _difficulty_level(difficulty)
     if not max_dist_m > 0:
         raise DataError(f"max_dist_m: expected a positive distance in metres, got {max_dist_m!r}")
     # per frame: each detection's nearest GT box of its class in reach (its own box where none)

@@ -117,7 +117,7 @@ def test_predictions_round_trip_and_paired_baseline(synthetic_root, tmp_path):
     assert lab.score is not None and len(lab) == len(dets[0].scores)
     assert (lab.bbox2d[:, 2] >= lab.bbox2d[:, 0]).all() and (lab.bbox2d[:, 2:] > 0).any()
     # paired comparison against these files: itself 0, boxes moved 5 m -100 on every draw
-    same, _ = evaluate_model(_GroundTruthModel(), ds, baseline=tmp_path / "gt_pred")
+    same, _ = evaluate_model(_GroundTruthModel(), ds, baseline=back)
     assert same["Car/3d_R40_minus_baseline/moderate"] == pytest.approx(0.0, abs=0.05)
 
     class Shifted(_GroundTruthModel):
@@ -125,7 +125,7 @@ def test_predictions_round_trip_and_paired_baseline(synthetic_root, tmp_path):
             return [Detections3D(Boxes3D(d.boxes.tensor + torch.tensor([5.0, 0, 0, 0, 0, 0, 0])), d.scores, d.labels)
                     for d in super().forward(batch)]
 
-    worse, _ = evaluate_model(Shifted(), ds, baseline=tmp_path / "gt_pred")
+    worse, _ = evaluate_model(Shifted(), ds, baseline=back)
     assert worse["Car/3d_R40_minus_baseline/moderate"] == pytest.approx(-100.0)
     assert worse["Car/3d_R40_minus_baseline/moderate_low"] == worse["Car/3d_R40_minus_baseline/moderate_high"] \
         == pytest.approx(-100.0)
