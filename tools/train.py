@@ -89,4 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from perception3d.engine.numerics import flush_denormals
+
+    flush_denormals()  # before any torch work, so that every torch thread gets it (see numerics)
     sys.exit(main())

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -298,6 +299,41 @@ def test_move_to_device_nested():
     out = move_to_device(batch, torch.device("meta"))
     assert out["a"][0].device.type == "meta" and out["a"][1][0].device.type == "meta" and out["a"][1][1] == 3
     assert out["b"].t.device.type == "meta" and out["b"].name == "x"
+
+
+# --------------------------------------------------------------------------------------------
+# denormal floats
+# --------------------------------------------------------------------------------------------
+
+# In a fresh process on two torch threads: largest-denormal floats (made from their bits, no float
+# arithmetic) times 1, and how many products stay denormal (integer compare: the flags change float
+# compares). START_POOL runs a parallel op before flush_denormals(), as a late call would.
+DENORMAL_PROBE = """
+import sys, numpy as np, torch
+torch.set_num_threads(2)
+x = torch.from_numpy(np.full(1 << 21, 0x007FFFFF, dtype=np.uint32).view(np.float32))
+if sys.argv[1] == "late":
+    torch.ones(1 << 21).mul(2.0)
+from perception3d.engine import flush_denormals
+ok = flush_denormals()
+print(ok, int(((x * 1.0).view(torch.int32) != 0).sum()))
+"""
+
+
+@pytest.mark.parametrize("when", ["early", "late"])
+def test_flush_denormals_reaches_every_thread_only_before_the_pool(when):
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("flushing denormals (FTZ/DAZ) is an x86 feature")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "-c", DENORMAL_PROBE, when], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    ok, left = out.stdout.split()
+    if when == "early":  # every thread flushes: no denormal product left
+        assert (ok, left) == ("True", "0")
+    else:  # the worker thread started without the flags: its share of the products stays denormal
+        assert ok == "False" and 0 < int(left) < 1 << 21
+        assert "called after torch's thread pool started" in out.stderr
 
 
 # --------------------------------------------------------------------------------------------
