@@ -1,7 +1,7 @@
 """Process-wide CPU floating-point setup: flush denormal floats to zero on every torch thread.
 
 Arithmetic on denormal floats (magnitudes below 1.2e-38 in float32) takes the CPU's slow path,
-often 100x the normal cost. A trained detector produces such values inside its matrix products
+many times the normal cost. A trained detector produces such values inside its matrix products
 (probably tiny gradients of confident predictions times small weights): on the same batches of
 two frames, the fine-voxel DSVT's training step took 1.25-1.3 s from its step-4000 checkpoint
 against 1.0 s from fresh weights (2 threads), and 1.0 s again with denormals flushed; through

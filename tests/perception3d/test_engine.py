@@ -307,7 +307,7 @@ def test_move_to_device_nested():
 
 # In a fresh process on two torch threads: largest-denormal floats (made from their bits, no float
 # arithmetic) times 1, and how many products stay denormal (integer compare: the flags change float
-# compares). START_POOL runs a parallel op before flush_denormals(), as a late call would.
+# compares). "late" runs a parallel op (which starts the thread pool) before flush_denormals().
 DENORMAL_PROBE = """
 import sys, numpy as np, torch
 torch.set_num_threads(2)
