@@ -40,4 +40,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    from perception3d.engine.numerics import flush_denormals
+
+    flush_denormals()  # as tools/train.py and tools/eval.py run: every torch thread flushes (see numerics)
     sys.exit(main())

@@ -10,7 +10,7 @@ against 1.0 s from fresh weights (2 threads), and 1.0 s again with denormals flu
 `torch.set_flush_denormal` sets the flags (FTZ/DAZ) of the calling thread only. Threads inherit
 them when created, so the flags reach torch's OpenMP workers only when set before the first
 parallel torch operation starts the pool: call :func:`flush_denormals` first thing in a process
-(`tools/train.py` and `tools/eval.py` do).
+(`tools/train.py`, `tools/eval.py` and `tools/bench.py` do).
 """
 from __future__ import annotations
 
