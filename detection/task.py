@@ -206,6 +206,8 @@ def _finish(model, cfg: DetectionConfig, val_set, out_dir: Path, extra: dict, ba
     # AP is undefined (NaN) for a class without ground truth at a difficulty; JSON gets null
     clean = {k: (None if v != v else v) for k, v in metrics.items()}
     result = {"metrics": clean, "pictures": pictures, "val_frames": len(val_set), **extra}
+    if cfg.eval.baseline is not None:
+        result["baseline"] = str(cfg.eval.baseline)  # what the `..._minus_baseline` metrics are against
     atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2))
     print(f"[eval] {len(val_set)} held-out frames; AP (%), KITTI R40:\n{_summary(metrics)}")
     print(f"[eval] metrics: {out_dir / 'metrics.json'}; pictures: {', '.join(pictures)}")

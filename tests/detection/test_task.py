@@ -176,8 +176,9 @@ eval: {{num_pictures: 1, real_kitti_root: null}}
                           "--set", f"eval.baseline={out / 'predictions'}", "--out", str(tmp_path / "ev2")],
                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    paired = json.loads((tmp_path / "ev2" / "metrics.json").read_text())["metrics"]
-    assert paired["Car/3d_R40_minus_baseline/moderate"] == pytest.approx(0.0, abs=0.05)
+    paired = json.loads((tmp_path / "ev2" / "metrics.json").read_text())
+    assert paired["metrics"]["Car/3d_R40_minus_baseline/moderate"] == pytest.approx(0.0, abs=0.05)
+    assert paired["baseline"] == str(out / "predictions") and "baseline" not in again
     run = subprocess.run([sys.executable, str(ROOT / "tools" / "eval.py"), "--config", str(cfg), "--ckpt", str(out),
                           "--set", f"eval.baseline={tmp_path / 'nowhere'}", "--out", str(tmp_path / "ev3")],
                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
