@@ -43,6 +43,8 @@ def read_run(spec: str, cls: str) -> dict:
     if key not in metrics:
         present = sorted({k.split("/")[0] for k in metrics if k.endswith("/3d_R40/moderate")})
         raise DataError(f"{file}: no {key!r} (classes with a moderate 3D AP there: {present})")
+    if metrics[key] is None:
+        raise DataError(f"{file}: {key!r} is null (no moderate {cls} in that run's held-out frames)")
 
     def get(name: str) -> float | None:
         v = metrics.get(f"{cls}/{name}")

@@ -48,17 +48,19 @@ def test_compare_runs_other_class(tmp_path, capsys):
     ("missing", "nowhere: no such file"),
     ("not_json", "expected a JSON object with a 'metrics' object"),
     ("no_metrics", "expected a JSON object with a 'metrics' object"),
-    ("no_class", "no 'Cyclist/3d_R40/moderate' (classes with a moderate 3D AP there: ['Car'])"),
+    ("no_class", "no 'Cyclist/3d_R40/moderate' (classes with a moderate 3D AP there: ['Car', 'Pedestrian'])"),
+    ("null_ap", "'Pedestrian/3d_R40/moderate' is null (no moderate Pedestrian"),
 ])
 def test_compare_runs_bad_input(tmp_path, capsys, case, message):
-    good = _write(tmp_path / "good", {"Car/3d_R40/moderate": 86.9})
-    spec = {"no_equals": str(good), "missing": f"X={tmp_path / 'nowhere'}", "no_class": f"X={good}"}.get(case)
+    good = _write(tmp_path / "good", {"Car/3d_R40/moderate": 86.9, "Pedestrian/3d_R40/moderate": None})
+    spec = {"no_equals": str(good), "missing": f"X={tmp_path / 'nowhere'}", "no_class": f"X={good}",
+            "null_ap": f"X={good}"}.get(case)
     if case in ("not_json", "no_metrics"):
         bad = tmp_path / "bad.json"
         bad.write_text("{not json" if case == "not_json" else json.dumps({"pictures": []}))
         spec = f"X={bad}"
     out = tmp_path / "never.png"
-    argv = [spec, "--out", str(out)] + (["--cls", "Cyclist"] if case == "no_class" else [])
+    argv = [spec, "--out", str(out)] + {"no_class": ["--cls", "Cyclist"], "null_ap": ["--cls", "Pedestrian"]}.get(case, [])
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
