@@ -28,7 +28,9 @@ def read_run(spec: str, cls: str) -> dict:
     label, sep, path = spec.partition("=")
     if not (sep and label and path):
         raise DataError(f"run {spec!r}: expected LABEL=PATH (PATH a metrics.json or its folder)")
-    file = Path(path) / "metrics.json" if Path(path).is_dir() else Path(path)
+    file = Path(path)
+    if file.is_dir():
+        file = file / "metrics.json"
     if not file.is_file():
         raise DataError(f"{file}: no such file (expected a metrics.json of tools/eval.py or its folder)")
     try:
@@ -74,12 +76,7 @@ def markdown_table(rows: list[dict], cls: str) -> str:
 
 def draw(rows: list[dict], cls: str, out: Path, title: str = "") -> None:
     """Each run's moderate 3D AP with its 95% interval over frames, one row per run, first on top."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from perception3d.viz import save_figure
+    from perception3d.viz import plt, save_figure  # viz selects the non-interactive Agg backend
 
     n = len(rows)
     fig, ax = plt.subplots(figsize=(8, 0.42 * n + 1.3))
