@@ -207,7 +207,9 @@ class CenterPointDetector(nn.Module):
         """Training: loss dict; eval: one :class:`Detections3D` per frame (see the class docstring)."""
         sv = self.voxelize(batch)
         bev, _ = self.backbone3d(sv)
-        out = self.head(self.bev_backbone(bev))
+        # channels-last: the same convolutions, 24% faster forward + backward on CPU (oneDNN) for
+        # the 0.4 m BEV stage, 3.7x with bf16 autocast (train.precision); see detection/design.md
+        out = self.head(self.bev_backbone(bev.contiguous(memory_format=torch.channels_last)))
         if not self.training:
             return self.head.decode(out)
         targets = self.head.encode(batch.gt_boxes, batch.gt_labels, batch.gt_batch_index(), batch.batch_size)

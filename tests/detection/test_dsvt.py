@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from detection.models.dsvt import (AttentionPool3D, DSVTBackbone, DSVTOptions, SetAttentionLayer, export_onnx,
+from detection.models.dsvt import (AttentionPool3D, _attention, DSVTBackbone, DSVTOptions, SetAttentionLayer, export_onnx,
                                    pool_groups, set_partition, window_positions)
 from perception3d.errors import ConfigError, DataError
 from perception3d.sparse import SparseVoxels
@@ -148,6 +148,30 @@ def test_set_attention_equals_multihead_attention_per_set(order):
                      window_positions(window))
         ref = reference_layer(layer, x, part, order, window)
     assert (ours - ref).abs().max().item() <= 1e-5
+
+
+def test_set_attention_under_bf16_autocast():
+    """Under bf16 autocast (`train.precision=bf16`) the projections run in bf16 and the attention
+    in fp32: the layer stays within bf16 rounding of the fp32 layer."""
+    torch.manual_seed(0)
+    coords = random_coords(2, n=200)
+    window = (6, 6, 2)
+    part = set_partition(coords, (4, 30, 26), window, (3, 3, 0), 6)
+    *buckets, slot = part.compact(step=2)
+    layer = SetAttentionLayer(32, 4, 64).eval()
+    x = torch.randn(len(coords), 32)
+    args = ([s[0] for s in buckets[0::2]], buckets[1::2], slot[0], part.cell, window_positions(window))
+    with torch.no_grad():
+        ref = layer(x, *args)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours = layer(x, *args)
+            q = torch.randn(5, 4, 30, 8).bfloat16()
+            mask = torch.ones(5, 1, 1, 30, dtype=torch.bool)
+            attn = _attention(q, q, q, mask)
+    assert attn.dtype == torch.float32
+    assert torch.allclose(attn, _attention(q.float(), q.float(), q.float(), mask), atol=1e-6)
+    err = (ours.float() - ref).abs().max().item()
+    assert 0 < err < 0.05, err  # outputs are layer-normed (unit scale): bf16 keeps ~3 digits
 
 
 def test_one_full_set_per_window_is_plain_attention_per_window():

@@ -84,6 +84,14 @@ def test_exact_resume_after_interruption(tmp_path):
     assert any("resumed from" in m and "step 6" in m for m in messages)
 
 
+def test_bf16_precision_runs_the_forward_under_autocast(tmp_path):
+    """train.precision=bf16: the same run within bf16 rounding of fp32, and not identical to it."""
+    fp32, _ = run(toy_cfg(), tmp_path / "fp32")
+    bf16, res = run(toy_cfg(precision="bf16"), tmp_path / "bf16")
+    assert res["step"] == 12
+    assert 0 < max_diff(fp32, bf16) < 0.05
+
+
 def test_rng_restore_matters(tmp_path):
     """Resuming without the RNG states (dropout masks) would not reproduce the run: the test has teeth."""
     cfg = toy_cfg(max_steps=8, eval_every=0)

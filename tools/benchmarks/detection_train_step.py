@@ -1,0 +1,83 @@
+"""Benchmark: one whole detector training step, fp32 against bf16 autocast (`train.precision`).
+
+* Models: the DSVT of ``configs/detection/dsvt_fine_bev04_reg1_synthetic.yaml`` (0.2 m pillars,
+  a 0.4 m BEV stage) and SECOND of ``configs/detection/second_reg1_synthetic.yaml``, initial
+  weights, train mode, 2 threads.
+* Input: a batch of 4 synthetic KITTI-layout frames (``perception3d.synthetic.generate_frame``
+  seeds 0-3, the configs' batch size) with their boxes, cut to the point-cloud range, without
+  augmentation.
+* A step: forward (under ``torch.autocast(bfloat16)`` for bf16, as ``perception3d.engine.fit``
+  runs it), loss, backward, AdamW step. ``ms_*``: medians of ``repeats`` steps after 2 warm-ups.
+* ``cpu_amx_bf16``: whether the CPU reports AMX bf16 units (Linux ``/proc/cpuinfo``); bf16 is
+  fast only with them (or on a GPU).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from detection.config import DetectionConfig
+from detection.data import DetectionSample, frame_targets
+from detection.models.detector import CenterPointDetector
+from detection.structures import collate
+from perception3d.config import load_config
+from perception3d.synthetic import generate_frame
+
+ROOT = Path(__file__).resolve().parents[2]
+THREADS = 2
+CONFIGS = {"dsvt": "dsvt_fine_bev04_reg1_synthetic.yaml", "second": "second_reg1_synthetic.yaml"}
+
+
+def _batch(pc_range) -> object:
+    samples = []
+    for seed in range(4):
+        frame = generate_frame(seed)
+        pts = np.asarray(frame.points_lidar, np.float32)
+        boxes, labels, _ = frame_targets(frame)
+        r = pc_range
+        inside = lambda p: (p[:, 0] >= r[0]) & (p[:, 0] < r[3]) & (p[:, 1] >= r[1]) & (p[:, 1] < r[4])  # noqa: E731
+        pts = pts[inside(pts) & (pts[:, 2] >= r[2]) & (pts[:, 2] < r[5])]
+        keep = inside(boxes)
+        samples.append(DetectionSample(pts, boxes[keep], labels[keep], str(seed)))
+    return collate(samples)
+
+
+def _step_ms(model, opt, batch, bf16: bool, repeats: int) -> float:
+    times = []
+    for i in range(repeats + 2):
+        t = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(batch)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i >= 2:
+            times.append(time.perf_counter() - t)
+    return round(statistics.median(times) * 1e3, 1)
+
+
+def run(repeats: int = 5) -> dict:
+    torch.set_num_threads(THREADS)
+    try:
+        amx = "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        amx = False
+    result: dict = {}
+    for name, config in CONFIGS.items():
+        cfg = load_config(ROOT / "configs" / "detection" / config, DetectionConfig)
+        batch = _batch(cfg.model.pc_range_m)
+        for precision in ("fp32", "bf16"):
+            torch.manual_seed(0)
+            model = CenterPointDetector(cfg.model).train()
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            result[f"ms_{name}_{precision}"] = _step_ms(model, opt, batch, precision == "bf16", repeats)
+        with torch.no_grad():
+            result[f"voxels_{name}"] = model.voxelize(batch).num_voxels
+    result["speedup_dsvt_bf16"] = round(result["ms_dsvt_fp32"] / result["ms_dsvt_bf16"], 2)
+    result["speedup_second_bf16"] = round(result["ms_second_fp32"] / result["ms_second_bf16"], 2)
+    result.update(batch_size=4, threads=THREADS, cpu_amx_bf16=amx)
+    return result
