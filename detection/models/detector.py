@@ -207,8 +207,8 @@ class CenterPointDetector(nn.Module):
         """Training: loss dict; eval: one :class:`Detections3D` per frame (see the class docstring)."""
         sv = self.voxelize(batch)
         bev, _ = self.backbone3d(sv)
-        # channels-last: the same convolutions, 24% faster forward + backward on CPU (oneDNN) for
-        # the 0.4 m BEV stage, 3.7x with bf16 autocast (train.precision); see detection/design.md
+        # channels-last (DSVT's fold already returns it): the same convolutions, faster in oneDNN,
+        # most of all in bf16 (train.precision); "Training speed" in detection/design.md
         out = self.head(self.bev_backbone(bev.contiguous(memory_format=torch.channels_last)))
         if not self.training:
             return self.head.decode(out)
