@@ -134,8 +134,8 @@ def reference_layer(layer: SetAttentionLayer, x, part, order: int, window):
     return layer.norm2(y + layer.ffn(y))
 
 
-@pytest.mark.parametrize("order", [0, 1])
-def test_set_attention_equals_multihead_attention_per_set(order):
+def _layer_case(order: int):
+    """A set-attention layer, its input and its arguments for `order` on 200 random voxels."""
     torch.manual_seed(0)
     coords = random_coords(2, n=200)
     window = (6, 6, 2)
@@ -143,9 +143,15 @@ def test_set_attention_equals_multihead_attention_per_set(order):
     *buckets, slot = part.compact(step=2)
     layer = SetAttentionLayer(32, 4, 64).eval()
     x = torch.randn(len(coords), 32)
+    args = ([s[order] for s in buckets[0::2]], buckets[1::2], slot[order], part.cell, window_positions(window))
+    return layer, x, args, part, window
+
+
+@pytest.mark.parametrize("order", [0, 1])
+def test_set_attention_equals_multihead_attention_per_set(order):
+    layer, x, args, part, window = _layer_case(order)
     with torch.no_grad():
-        ours = layer(x, [s[order] for s in buckets[0::2]], buckets[1::2], slot[order], part.cell,
-                     window_positions(window))
+        ours = layer(x, *args)
         ref = reference_layer(layer, x, part, order, window)
     assert (ours - ref).abs().max().item() <= 1e-5
 
@@ -153,14 +159,7 @@ def test_set_attention_equals_multihead_attention_per_set(order):
 def test_set_attention_under_bf16_autocast():
     """Under bf16 autocast (`train.precision=bf16`) the projections run in bf16 and the attention
     in fp32: the layer stays within bf16 rounding of the fp32 layer."""
-    torch.manual_seed(0)
-    coords = random_coords(2, n=200)
-    window = (6, 6, 2)
-    part = set_partition(coords, (4, 30, 26), window, (3, 3, 0), 6)
-    *buckets, slot = part.compact(step=2)
-    layer = SetAttentionLayer(32, 4, 64).eval()
-    x = torch.randn(len(coords), 32)
-    args = ([s[0] for s in buckets[0::2]], buckets[1::2], slot[0], part.cell, window_positions(window))
+    layer, x, args, _, _ = _layer_case(0)
     with torch.no_grad():
         ref = layer(x, *args)
         with torch.autocast("cpu", dtype=torch.bfloat16):
