@@ -23,7 +23,7 @@ import torch
 from detection.config import DetectionConfig
 from detection.data import DetectionSample, frame_targets
 from detection.models.detector import CenterPointDetector
-from detection.structures import collate
+from detection.structures import DetectionBatch, collate
 from perception3d.config import load_config
 from perception3d.synthetic import generate_frame
 
@@ -32,7 +32,7 @@ THREADS = 2
 CONFIGS = {"dsvt": "dsvt_fine_bev04_reg1_synthetic.yaml", "second": "second_reg1_synthetic.yaml"}
 
 
-def _batch(pc_range) -> object:
+def _batch(pc_range) -> DetectionBatch:
     samples = []
     for seed in range(4):
         frame = generate_frame(seed)
