@@ -44,9 +44,11 @@ class ModelConfig:
         pc_range_m: ``(x0, y0, z0, x1, y1, z1)`` point-cloud range, metres; each extent must be a
             multiple of the voxel size, and the x / y voxel counts multiples of ``bev_stride``.
         num_point_features: point columns used, ``(x, y, z, intensity)``.
-        max_points_per_voxel: points kept per voxel by hard voxelization.
-        max_voxels_train: voxels kept per frame in training mode.
-        max_voxels_test: voxels kept per frame in eval mode.
+        max_points_per_voxel: points kept per voxel (its first, in input order) by the hard
+            voxelization of the ``second`` backbone; the ``dsvt`` backbone voxelizes dynamically
+            and keeps every point, so this and the two below do not apply to it.
+        max_voxels_train: voxels kept per frame in training mode (``second``).
+        max_voxels_test: voxels kept per frame in eval mode (``second``).
         vfe: voxel feature encoder of the ``second`` backbone; ``"mean"``: the mean of the voxel's
             points. The ``dsvt`` backbone always encodes dynamic voxels with a
             :class:`~perception3d.ops.voxelize.PillarVFE` (see ``pillar_vfe_filters``).
