@@ -26,10 +26,18 @@ Data flow:
   ``direction_weight`` times the binary cross-entropy of the direction logit at the positives. The
   defaults follow CenterPoint (code weights all 1, ``reg_weight = 0.25``) and SECOND (direction
   weight 0.2).
+- **IoU branch** (``iou_weight > 0``; off by default): one more output ``[B, 1, H, W]`` predicts, at
+  each positive cell, the 3D IoU between the box the cell regresses (detached) and its ground-truth
+  box, as ``2 IoU - 1`` under an L1 loss weighted ``iou_weight`` (the IoU-aware branch of
+  CenterPoint's Waymo models and DSVT). At decode it rectifies the score of class ``c``:
+  ``score^(1 - a_c) * IoU^(a_c)`` with ``a = iou_alpha``, so that of two peaks of equal heatmap
+  score the one whose box is placed better ranks first. (The differentiable box-IoU regression loss
+  those models train besides is not implemented.)
 - **decode** (:meth:`CenterHead.decode`): sigmoid heatmap -> 3x3 max-pool peaks -> top-K over
   classes and cells -> boxes (``yaw = atan2(sin 2 yaw, cos 2 yaw) / 2``, plus pi where the direction
-  logit is positive) -> score threshold -> rotated BEV NMS per class -> at most
-  ``max_detections`` per frame, as :class:`perception3d.structures.Detections3D`.
+  logit is positive) -> IoU rectification of the scores (IoU branch only) -> score threshold ->
+  rotated BEV NMS per class -> at most ``max_detections`` per frame, as
+  :class:`perception3d.structures.Detections3D`.
 
 Grid: BEV cell ``(i, j)`` (row ``i`` along y, column ``j`` along x) covers
 ``x in x0 + [j, j+1) * cell_x``, ``y in y0 + [i, i+1) * cell_y`` with
@@ -45,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from perception3d.geometry.iou import nms_bev
+from perception3d.geometry.iou import iou_3d, nms_bev
 from perception3d.structures import Boxes3D, Detections3D
 
 __all__ = [
@@ -57,6 +65,7 @@ __all__ = [
     "encode_targets",
     "focal_loss",
     "CODE_SIZE",
+    "decode_codes",
 ]
 
 CODE_SIZE = 8  # (off_x, off_y, z, log dx, log dy, log dz, sin 2 yaw, cos 2 yaw)
@@ -79,6 +88,10 @@ class CenterHeadOptions:
         reg_weight: weight of the regression L1 loss (CenterPoint: 0.25).
         direction_weight: weight of the heading-direction cross-entropy (SECOND: 0.2).
         code_weights: per-code L1 weights, ``CODE_SIZE`` values in code order.
+        iou_weight: weight of the IoU branch's L1 loss; 0 (default): no IoU branch.
+        iou_alpha: per-class exponent ``a`` of the IoU rectification ``score^(1-a) * IoU^a``
+            (``num_classes`` values in ``[0, 1]``; DSVT's Waymo values for vehicle, pedestrian,
+            cyclist). Used only with the IoU branch.
         top_k: peaks kept per frame before thresholding.
         score_threshold: minimum sigmoid score of a detection.
         nms_iou: BEV IoU threshold of the per-class rotated NMS.
@@ -97,6 +110,8 @@ class CenterHeadOptions:
     reg_weight: float = 0.25
     direction_weight: float = 0.2
     code_weights: tuple[float, ...] = (1.0,) * CODE_SIZE
+    iou_weight: float = 0.0
+    iou_alpha: tuple[float, ...] = (0.68, 0.71, 0.65)
     top_k: int = 500
     score_threshold: float = 0.1
     nms_iou: float = 0.2
@@ -109,6 +124,11 @@ class CenterHeadOptions:
                              f"got {len(self.code_weights)}")
         if self.head_conv_layers < 1:
             raise ValueError(f"CenterHeadOptions.head_conv_layers must be >= 1, got {self.head_conv_layers}")
+        if self.iou_weight < 0:
+            raise ValueError(f"CenterHeadOptions.iou_weight must be >= 0, got {self.iou_weight}")
+        if len(self.iou_alpha) != self.num_classes or not all(0.0 <= a <= 1.0 for a in self.iou_alpha):
+            raise ValueError(f"CenterHeadOptions.iou_alpha: expected {self.num_classes} values in [0, 1] "
+                             f"(one per class), got {tuple(self.iou_alpha)}")
         if not 0.0 < self.gaussian_overlap < 1.0:
             raise ValueError(f"CenterHeadOptions.gaussian_overlap must lie in (0, 1), got {self.gaussian_overlap}")
 
@@ -124,6 +144,7 @@ class CenterHeadOutput:
         dims: ``[B, 3, H, W]`` ``log(dx, dy, dz)``, log metres.
         rot: ``[B, 2, H, W]`` box axis ``(sin 2 yaw, cos 2 yaw)`` (not normalised).
         direction: ``[B, 1, H, W]`` logit of ``cos yaw < 0`` (the heading points backwards, -x).
+        iou: ``[B, 1, H, W]`` predicted ``2 IoU - 1`` of the cell's box (IoU branch), else None.
     """
 
     heatmap: torch.Tensor
@@ -132,6 +153,7 @@ class CenterHeadOutput:
     dims: torch.Tensor
     rot: torch.Tensor
     direction: torch.Tensor
+    iou: torch.Tensor | None = None
 
     def regression(self) -> torch.Tensor:
         """``[B, CODE_SIZE, H, W]`` regression maps in code order."""
@@ -288,6 +310,18 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-4) ->
     return -(pos_loss + neg_loss) / num_pos
 
 
+def decode_codes(code: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, cell_size_m: Sequence[float],
+                 grid_origin_m: Sequence[float]) -> torch.Tensor:
+    """Boxes ``[..., 7]`` from regression codes ``[..., CODE_SIZE]`` at cells ``(xs, ys)`` (column,
+    row; float). The yaw is the box axis, ``atan2(sin 2 yaw, cos 2 yaw) / 2`` in ``(-pi/2, pi/2]``;
+    the caller adds pi where the direction says so (IoU does not depend on it)."""
+    x = (xs + code[..., 0]) * cell_size_m[0] + grid_origin_m[0]
+    y = (ys + code[..., 1]) * cell_size_m[1] + grid_origin_m[1]
+    dims = torch.exp(code[..., 3:6].clamp(max=_LOG_DIM_MAX))
+    yaw = 0.5 * torch.atan2(code[..., 6], code[..., 7])
+    return torch.cat([x[..., None], y[..., None], code[..., 2:3], dims, yaw[..., None]], dim=-1)
+
+
 def _branch(cin: int, mid: int, cout: int, layers: int) -> nn.Sequential:
     mods: list[nn.Module] = []
     for _ in range(layers - 1):
@@ -342,6 +376,7 @@ class CenterHead(nn.Module):
         self.dims = mk(3)
         self.rot = mk(2)
         self.direction = mk(1)
+        self.iou = mk(1) if o.iou_weight > 0 else None
         nn.init.constant_(self.heatmap[-1].bias, o.init_bias)
         self.register_buffer("code_weights", torch.tensor(o.code_weights, dtype=torch.float32), persistent=False)
 
@@ -349,7 +384,7 @@ class CenterHead(nn.Module):
         """Args: bev ``[B, C, H, W]``. Returns: :class:`CenterHeadOutput` on ``[H, W]``."""
         x = self.shared(bev)
         return CenterHeadOutput(self.heatmap(x), self.offset(x), self.z(x), self.dims(x), self.rot(x),
-                                self.direction(x))
+                                self.direction(x), self.iou(x) if self.iou is not None else None)
 
     def encode(self, gt_boxes: torch.Tensor, gt_labels: torch.Tensor, gt_batch_index: torch.Tensor,
                batch_size: int) -> CenterTargets:
@@ -359,11 +394,13 @@ class CenterHead(nn.Module):
             self.cell_size_m, self.options.num_classes, self.options.gaussian_overlap, self.options.min_radius)
 
     def loss(self, out: CenterHeadOutput, targets: CenterTargets) -> dict[str, torch.Tensor]:
-        """Focal heatmap loss plus weighted L1 regression and direction cross-entropy at positives.
+        """Focal heatmap loss plus weighted L1 regression and direction cross-entropy at positives
+        (and the IoU branch's L1 loss, see the module docstring).
 
         Returns:
             ``{'loss', 'loss_heatmap', 'loss_reg', 'loss_direction', 'num_pos'}`` (scalars; ``loss``
-            is weighted, the parts are unweighted; ``num_pos`` is a float tensor without gradient).
+            is weighted, the parts are unweighted; ``num_pos`` is a float tensor without gradient),
+            plus ``'loss_iou'`` with the IoU branch.
         """
         if out.heatmap.shape != targets.heatmap.shape:
             raise ValueError(f"CenterHead.loss: heatmap {tuple(out.heatmap.shape)} does not match the target grid "
@@ -377,13 +414,33 @@ class CenterHead(nn.Module):
         loss_reg = ((pred - targets.reg).abs() * self.code_weights).sum() / num_pos
         dir_logit = out.direction.reshape(B, H * W)[targets.pos_batch, targets.pos_index]
         loss_dir = F.binary_cross_entropy_with_logits(dir_logit.float(), targets.direction, reduction="sum") / num_pos
-        return {
+        losses = {
             "loss": o.heatmap_weight * loss_hm + o.reg_weight * loss_reg + o.direction_weight * loss_dir,
             "loss_heatmap": loss_hm.detach(),
             "loss_reg": loss_reg.detach(),
             "loss_direction": loss_dir.detach(),
             "num_pos": torch.tensor(float(targets.num_pos), device=reg.device),
         }
+        if out.iou is not None:
+            target_iou = self.iou_targets(pred.detach(), targets)
+            pred_iou = out.iou.reshape(B, H * W)[targets.pos_batch, targets.pos_index].float()
+            loss_iou = (pred_iou - (2 * target_iou - 1)).abs().sum() / num_pos
+            losses["loss"] = losses["loss"] + o.iou_weight * loss_iou
+            losses["loss_iou"] = loss_iou.detach()
+        return losses
+
+    def iou_targets(self, pred_codes: torch.Tensor, targets: CenterTargets) -> torch.Tensor:
+        """``[P]`` 3D IoU between the box regressed at each positive cell (codes ``[P, CODE_SIZE]``)
+        and that positive's ground-truth box."""
+        W = self.grid_size[1]
+        xs, ys = (targets.pos_index % W).double(), (targets.pos_index // W).double()
+        pred = decode_codes(pred_codes.double(), xs, ys, self.cell_size_m, self.grid_origin_m)
+        gt = decode_codes(targets.reg.double(), xs, ys, self.cell_size_m, self.grid_origin_m)
+        iou = torch.zeros(pred.shape[0], dtype=torch.float64, device=pred.device)
+        for b in torch.unique(targets.pos_batch).tolist():  # pairs within a frame; the diagonal counts
+            m = targets.pos_batch == b
+            iou[m] = torch.diagonal(iou_3d(pred[m], gt[m]))
+        return iou.float()
 
     @torch.no_grad()
     def decode(self, out: CenterHeadOutput) -> list[Detections3D]:
@@ -402,14 +459,17 @@ class CenterHead(nn.Module):
         labels = idx // (H * W)
         cell = idx % (H * W)
         ys, xs = (cell // W).float(), (cell % W).float()
-        reg = torch.cat([out.regression(), out.direction], dim=1).float().reshape(B, CODE_SIZE + 1, H * W)
-        reg = torch.gather(reg, 2, cell[:, None, :].expand(B, CODE_SIZE + 1, k)).permute(0, 2, 1)  # [B, k, 9]
-        x = (xs + reg[..., 0]) * self.cell_size_m[0] + self.grid_origin_m[0]
-        y = (ys + reg[..., 1]) * self.cell_size_m[1] + self.grid_origin_m[1]
-        dims = torch.exp(reg[..., 3:6].clamp(max=_LOG_DIM_MAX))
-        yaw = 0.5 * torch.atan2(reg[..., 6], reg[..., 7]) + math.pi * (reg[..., 8] > 0).float()
-        yaw = torch.remainder(yaw + math.pi, 2 * math.pi) - math.pi  # [-pi, pi)
-        boxes = torch.cat([x[..., None], y[..., None], reg[..., 2:3], dims, yaw[..., None]], dim=-1)  # [B, k, 7]
+        maps = [out.regression(), out.direction] + ([out.iou] if out.iou is not None else [])
+        reg = torch.cat(maps, dim=1).float()
+        reg = torch.gather(reg.reshape(B, reg.shape[1], H * W), 2,
+                           cell[:, None, :].expand(B, reg.shape[1], k)).permute(0, 2, 1)  # [B, k, 9 or 10]
+        boxes = decode_codes(reg[..., :CODE_SIZE], xs, ys, self.cell_size_m, self.grid_origin_m)  # [B, k, 7]
+        yaw = boxes[..., 6] + math.pi * (reg[..., CODE_SIZE] > 0).float()
+        boxes[..., 6] = torch.remainder(yaw + math.pi, 2 * math.pi) - math.pi  # [-pi, pi)
+        if out.iou is not None:
+            iou = ((reg[..., CODE_SIZE + 1] + 1) / 2).clamp(0.0, 1.0)
+            alpha = torch.tensor(o.iou_alpha, dtype=scores.dtype, device=scores.device)[labels]
+            scores = scores.pow(1 - alpha) * iou.pow(alpha)
 
         results = []
         for b in range(B):

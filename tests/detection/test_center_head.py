@@ -182,6 +182,61 @@ def test_head_forward_loss_and_grad():
 def test_options_validation():
     with pytest.raises(ValueError, match="code_weights"):
         CenterHeadOptions(code_weights=(1.0,) * 7)
+    with pytest.raises(ValueError, match="iou_alpha"):
+        CenterHeadOptions(iou_alpha=(0.5, 0.5))
+    with pytest.raises(ValueError, match="iou_alpha"):
+        CenterHeadOptions(iou_alpha=(0.5, 0.5, 1.5))
+    with pytest.raises(ValueError, match="iou_weight"):
+        CenterHeadOptions(iou_weight=-1.0)
+
+
+def _two_frame_car_targets(head: CenterHead):
+    """The same car (yaw 0, 4 x 2 x 1.5 m) in frames 0 and 1, at the same place."""
+    box = torch.tensor([[10.2, 0.2, -1.0, 4.0, 2.0, 1.5, 0.0]])
+    return head.encode(box.repeat(2, 1), torch.tensor([0, 0]), torch.tensor([0, 1]), 2)
+
+
+def test_iou_targets_hand_computed_and_per_frame():
+    head = _head(iou_weight=1.0)
+    t = _two_frame_car_targets(head)
+    codes = t.reg.clone()
+    codes[1, 0] += 2.0  # frame 1's box 2 cells = 0.8 m further along x (its length)
+    iou = head.iou_targets(codes, t)
+    # frame 0: exact box; frame 1: overlap 3.2 x 2 x 1.5 = 9.6 m^3 over 2 * 12 - 9.6 = 14.4 m^3. Had the
+    # frames been compared with each other, frame 0's box would also meet frame 1's ground truth.
+    assert iou.tolist() == pytest.approx([1.0, 2.0 / 3.0], abs=1e-6)
+
+
+def test_iou_branch_loss_and_rectified_decode():
+    torch.manual_seed(0)
+    head = _head(iou_weight=0.5, shared_channels=8, head_channels=8)
+    assert _head().iou is None and not any("iou" in k for k in _head().state_dict())  # off by default
+    out = head(torch.randn(2, 16, 100, 100))
+    t = _two_frame_car_targets(head)
+    losses = head.loss(out, t)
+    # L1 between the predicted 2 IoU - 1 at the two positive cells and the IoU of the boxes regressed there
+    pred = out.regression().reshape(2, CODE_SIZE, -1).permute(0, 2, 1)[t.pos_batch, t.pos_index]
+    target = 2 * head.iou_targets(pred.detach(), t) - 1
+    got = out.iou.reshape(2, -1)[t.pos_batch, t.pos_index]
+    assert losses["loss_iou"].item() == pytest.approx((got - target).abs().sum().item() / 2, rel=1e-5)
+    rest = losses["loss_heatmap"] + 0.25 * losses["loss_reg"] + 0.2 * losses["loss_direction"]
+    assert losses["loss"].item() == pytest.approx((rest + 0.5 * losses["loss_iou"]).item(), rel=1e-6)
+    losses["loss"].backward()
+    assert head.iou[-1].weight.grad.abs().sum().item() > 0
+
+    # decode: two Cars of heatmap scores 0.8 and 0.6 with predicted IoUs 0.2 and 0.9 swap places
+    H, W = head.grid_size
+    logits = torch.full((1, 3, H, W), -10.0)
+    logits[0, 0, 10, 10], logits[0, 0, 60, 60] = math.log(0.8 / 0.2), math.log(0.6 / 0.4)
+    reg = torch.zeros(1, CODE_SIZE, H, W)
+    reg[:, 3:6], reg[:, 7] = math.log(2.0), 1.0
+    iou = torch.zeros(1, 1, H, W)
+    iou[0, 0, 10, 10], iou[0, 0, 60, 60] = 2 * 0.2 - 1, 2 * 0.9 - 1
+    out = CenterHeadOutput(logits, reg[:, 0:2], reg[:, 2:3], reg[:, 3:6], reg[:, 6:8], torch.zeros(1, 1, H, W), iou)
+    det = head.decode(out)[0]
+    a = 0.68
+    assert det.scores.tolist() == pytest.approx([0.6 ** (1 - a) * 0.9 ** a, 0.8 ** (1 - a) * 0.2 ** a], rel=1e-5)
+    assert det.boxes.tensor[0, :2].tolist() == pytest.approx([60 * 0.4, -20 + 60 * 0.4])
 
 
 def test_bev_backbone_shapes():
