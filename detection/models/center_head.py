@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from perception3d.geometry.iou import iou_3d, nms_bev
+from perception3d.geometry.iou import iou_3d_aligned, nms_bev
 from perception3d.structures import Boxes3D, Detections3D
 
 __all__ = [
@@ -65,7 +65,6 @@ __all__ = [
     "encode_targets",
     "focal_loss",
     "CODE_SIZE",
-    "decode_codes",
 ]
 
 CODE_SIZE = 8  # (off_x, off_y, z, log dx, log dy, log dz, sin 2 yaw, cos 2 yaw)
@@ -310,7 +309,7 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-4) ->
     return -(pos_loss + neg_loss) / num_pos
 
 
-def decode_codes(code: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, cell_size_m: Sequence[float],
+def _decode_codes(code: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, cell_size_m: Sequence[float],
                  grid_origin_m: Sequence[float]) -> torch.Tensor:
     """Boxes ``[..., 7]`` from regression codes ``[..., CODE_SIZE]`` at cells ``(xs, ys)`` (column,
     row; float). The yaw is the box axis, ``atan2(sin 2 yaw, cos 2 yaw) / 2`` in ``(-pi/2, pi/2]``;
@@ -434,13 +433,9 @@ class CenterHead(nn.Module):
         and that positive's ground-truth box."""
         W = self.grid_size[1]
         xs, ys = (targets.pos_index % W).double(), (targets.pos_index // W).double()
-        pred = decode_codes(pred_codes.double(), xs, ys, self.cell_size_m, self.grid_origin_m)
-        gt = decode_codes(targets.reg.double(), xs, ys, self.cell_size_m, self.grid_origin_m)
-        iou = torch.zeros(pred.shape[0], dtype=torch.float64, device=pred.device)
-        for b in torch.unique(targets.pos_batch).tolist():  # pairs within a frame; the diagonal counts
-            m = targets.pos_batch == b
-            iou[m] = torch.diagonal(iou_3d(pred[m], gt[m]))
-        return iou.float()
+        pred = _decode_codes(pred_codes.double(), xs, ys, self.cell_size_m, self.grid_origin_m)
+        gt = _decode_codes(targets.reg.double(), xs, ys, self.cell_size_m, self.grid_origin_m)
+        return iou_3d_aligned(pred, gt).float()
 
     @torch.no_grad()
     def decode(self, out: CenterHeadOutput) -> list[Detections3D]:
@@ -463,7 +458,7 @@ class CenterHead(nn.Module):
         reg = torch.cat(maps, dim=1).float()
         reg = torch.gather(reg.reshape(B, reg.shape[1], H * W), 2,
                            cell[:, None, :].expand(B, reg.shape[1], k)).permute(0, 2, 1)  # [B, k, 9 or 10]
-        boxes = decode_codes(reg[..., :CODE_SIZE], xs, ys, self.cell_size_m, self.grid_origin_m)  # [B, k, 7]
+        boxes = _decode_codes(reg[..., :CODE_SIZE], xs, ys, self.cell_size_m, self.grid_origin_m)  # [B, k, 7]
         yaw = boxes[..., 6] + math.pi * (reg[..., CODE_SIZE] > 0).float()
         boxes[..., 6] = torch.remainder(yaw + math.pi, 2 * math.pi) - math.pi  # [-pi, pi)
         if out.iou is not None:

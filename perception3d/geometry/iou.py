@@ -21,7 +21,7 @@ import torch
 
 from perception3d.errors import DataError
 
-__all__ = ["bev_intersection_area", "iou_bev", "iou_3d", "nms_bev"]
+__all__ = ["bev_intersection_area", "iou_bev", "iou_3d", "iou_3d_aligned", "nms_bev"]
 
 _EPS_M = 1e-9  # inside tolerance for clipping, metres
 _CHUNK_PAIRS = 1 << 16
@@ -217,6 +217,23 @@ def iou_3d(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         `[N, M]` IoU in `[0, 1]`.
     """
     return _pairwise(a, b, "3d")
+
+
+def iou_3d_aligned(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """3D IoU of aligned pairs: box `a[i]` with box `b[i]` only (the diagonal of :func:`iou_3d`).
+
+    Args:
+        a: `[N, 7]` LiDAR boxes; b: `[N, 7]` LiDAR boxes.
+
+    Returns:
+        `[N]` IoU in `[0, 1]`.
+    """
+    a, b = _check(a, "a"), _check(b, "b")
+    if a.shape[0] != b.shape[0]:
+        raise DataError(f"iou_3d_aligned: a and b must hold as many boxes, got {a.shape[0]} and {b.shape[0]}")
+    idx = torch.arange(a.shape[0], device=a.device)
+    out = _pair_values(a.to(torch.float64), b.to(torch.float64), idx, idx, "3d")
+    return out.to(torch.promote_types(a.dtype, b.dtype))
 
 
 def nms_bev(

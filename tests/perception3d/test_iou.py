@@ -10,7 +10,7 @@ from shapely.geometry import Polygon
 
 from perception3d.errors import DataError
 from perception3d.geometry.boxes import box_corners
-from perception3d.geometry.iou import bev_intersection_area, iou_3d, iou_bev, nms_bev
+from perception3d.geometry.iou import bev_intersection_area, iou_3d, iou_3d_aligned, iou_bev, nms_bev
 
 
 def _poly(box: torch.Tensor) -> Polygon:
@@ -182,3 +182,18 @@ def test_iou_and_nms_follow_the_device():
     scores = torch.linspace(1, 0, 200, dtype=torch.float64)
     keep = nms_bev(a.cuda(), scores.cuda(), 0.2)
     assert keep.device.type == "cuda" and keep.cpu().tolist() == nms_bev(a, scores, 0.2).tolist()
+
+
+def test_iou_3d_aligned_is_the_diagonal():
+    gen = torch.Generator().manual_seed(3)
+    n = 40
+    a = torch.cat([torch.rand(n, 2, generator=gen) * 10, torch.rand(n, 1, generator=gen),
+                   torch.rand(n, 3, generator=gen) * 3 + 0.5, torch.rand(n, 1, generator=gen) * 6 - 3], 1)
+    b = a + torch.randn(n, 7, generator=gen) * torch.tensor([0.5, 0.5, 0.2, 0.3, 0.3, 0.2, 0.4])
+    b[:, 3:6] = b[:, 3:6].abs() + 0.1
+    b[:5, :2] += 50.0  # far apart: IoU 0
+    got = iou_3d_aligned(a, b)
+    assert torch.allclose(got, torch.diagonal(iou_3d(a, b)), atol=1e-12)
+    assert (got[:5] == 0).all() and (got[5:] > 0).sum() > 20
+    with pytest.raises(DataError, match="as many boxes"):
+        iou_3d_aligned(a, b[:3])
