@@ -25,7 +25,7 @@ from perception3d.engine import distributed, fit, load_checkpoint, seed_everythi
 from perception3d.io.atomic import atomic_write_text
 from perception3d.io.kitti import KittiDataset
 from perception3d.metrics.detection import (FrameGT, box_errors, kitti_ap, kitti_ap_by_distance, kitti_ap_interval,
-                                           kitti_difficulty, nuscenes_map, oracle_ap)
+                                           kitti_difficulty, kitti_recall, nuscenes_map, oracle_ap)
 from perception3d.structures import CLASSES, Detections3D
 from perception3d.viz import draw_bev, draw_camera, save_figure
 
@@ -85,17 +85,18 @@ def predict(model, dataset: DetectionDataset, batch_size: int = 2, desc: str = "
 
 def evaluate_model(model, dataset: DetectionDataset, distance_bins_m=(0.0, 20.0, 40.0, 70.4),
                    baseline: Sequence[Detections3D] | None = None) -> tuple[dict, list]:
-    """KITTI 3D/BEV AP (R40), AP by distance, the moderate 3D AP's 95% bootstrap interval over
-    frames (`kitti_ap_interval`), nuScenes-style mAP, the median errors of matched
-    boxes (`box_errors`: moderate GT, 2 m BEV matching) and the moderate 3D AP with one box part
-    made exact (`oracle_ap`: where the 3D AP is lost) on `dataset`.
+    """KITTI 3D/BEV AP (R40), the 3D curve's highest recall (`kitti_recall`), AP by distance, the
+    moderate 3D AP's 95% bootstrap interval over frames (`kitti_ap_interval`), nuScenes-style
+    mAP, the median errors of matched boxes (`box_errors`: moderate GT, 2 m BEV matching) and the
+    moderate 3D AP with one box part made exact (`oracle_ap`: where the 3D AP is lost) on
+    `dataset`.
 
     With `baseline` (another model's detections of the same frames, e.g. `read_predictions` of
     another run's `predictions/`), also the moderate 3D AP's difference to the baseline's with
     its paired 95% bootstrap interval (`Car/3d_R40_minus_baseline/moderate`, `..._low`, `..._high`).
 
     Returns `(metrics, detections)`; metric keys look like `Car/3d_R40/moderate`,
-    `Car/box_error_median/z_m`, `Car/3d_R40_oracle/z_height`.
+    `Car/3d_recall/moderate`, `Car/box_error_median/z_m`, `Car/3d_R40_oracle/z_height`.
     """
     dets = predict(model, dataset, desc="eval")
     gts = [_val_frame_gt(dataset.kitti[i], dataset.classes, dataset.pc_range) for i in range(len(dataset))]
@@ -105,6 +106,9 @@ def evaluate_model(model, dataset: DetectionDataset, distance_bins_m=(0.0, 20.0,
         for cls, by_diff in res.items():
             for diff, ap in by_diff.items():  # cls is a class name or "mAP"
                 metrics[f"{cls}/{metric}_R40/{diff}"] = float(ap)
+    for cls, by_diff in kitti_recall(gts, dets, classes=dataset.classes).items():
+        for diff, recall in by_diff.items():
+            metrics[f"{cls}/3d_recall/{diff}"] = float(recall)
     by_dist = kitti_ap_by_distance(gts, dets, classes=dataset.classes, distance_bins_m=distance_bins_m, metric="3d")
     for cls, by_bin in by_dist.items():
         for rng, ap in by_bin.items():
@@ -177,7 +181,7 @@ def _pictures(model, cfg: DetectionConfig, val_set: DetectionDataset, dets, out_
 
 
 def _summary(metrics: dict) -> str:
-    keys = [k for k in metrics if "/3d_R40/" in k or "/bev_R40/moderate" in k
+    keys = [k for k in metrics if "/3d_R40/" in k or "/bev_R40/moderate" in k or "/3d_recall/moderate" in k
             or ("/3d_R40_minus_baseline/" in k and k.endswith("moderate"))] + ["nuscenes/mAP"]
     intervals = {k: k.replace("/3d_R40/", "/3d_R40_interval95/") for k in keys if k.endswith("/3d_R40/moderate")}
     intervals.update({k: k for k in keys if "_minus_baseline/" in k})

@@ -23,6 +23,10 @@ KITTI (`kitti_ap`, `kitti_ap_by_distance`)
       only at distinct score thresholds). AP R40: mean over recall positions `r = 1/40, ..., 1`
       of the interpolated precision `max{precision at recall >= r}` (0 if recall r is never
       reached). `num_recall_points=11` gives the old R11 positions `0, 0.1, ..., 1`.
+    * Recall (`kitti_recall`): the share of valid GT matched by any detection, whatever its
+      score: the highest recall the curve reaches. R40 loses every position above it, so a
+      recall just below a multiple of 1/40 (say 0.974) costs up to 2.5 AP points that one more
+      found box (0.975) would bring back: it tells an AP difference from a ranking difference.
     * By distance: valid GT are those whose BEV range `hypot(x, y)` from the sensor lies in
       `[lo, hi)`; GT outside are ignored. Unmatched detections outside the bin are ignored
       (not FP); a detection matched to a valid GT is a TP wherever its own centre lies.
@@ -86,6 +90,7 @@ __all__ = [
     "kitti_ap",
     "kitti_ap_by_distance",
     "kitti_ap_interval",
+    "kitti_recall",
     "nuscenes_map",
     "box_errors",
     "oracle_ap",
@@ -404,6 +409,39 @@ def kitti_ap(
                 num_recall_points,
             )
     result["mAP"] = {name: _nan_mean(result[c][name] for c in classes) for name in DIFFICULTIES}
+    return result
+
+
+def kitti_recall(
+    gts: Sequence[FrameGT],
+    dets: Sequence[Detections3D],
+    classes: Sequence[str] = CLASSES,
+    iou_thresholds: Mapping[str, float] = _DEFAULT_IOU,
+    metric: str = "3d",
+    class_names: Sequence[str] | None = None,
+) -> dict:
+    """Highest recall of the KITTI curve per class and difficulty: the share of valid GT that
+    some detection of any score matches (same matching and difficulty rules as :func:`kitti_ap`).
+
+    Args:
+        gts, dets, classes, iou_thresholds, metric, class_names: as for :func:`kitti_ap`.
+
+    Returns:
+        `{class: {"easy": recall, "moderate": recall, "hard": recall}}` in percent; `nan` where
+        a class has no valid GT.
+    """
+    ids = _check_inputs(gts, dets, classes, class_names)
+    pair_fn = _iou_fn(metric)
+    thr = _thresholds(classes, iou_thresholds)
+    result: dict = {}
+    for c in classes:
+        frames = _per_class_matches(gts, dets, ids[c], pair_fn, thr[c])
+        result[c] = {}
+        for level, name in enumerate(DIFFICULTIES):
+            tallies = _frame_tallies(frames, lambda b, diff, level=level: (diff >= 0) & (diff <= level),
+                                     lambda b: torch.zeros(b.shape[0], dtype=torch.bool))
+            found, total = sum(int(t[1].sum()) for t in tallies), sum(t[2] for t in tallies)
+            result[c][name] = 100.0 * found / total if total else float("nan")
     return result
 
 

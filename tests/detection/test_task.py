@@ -68,6 +68,7 @@ def test_evaluate_model_gives_100_for_ground_truth(synthetic_root):
     assert len(dets) == 3
     assert metrics["Car/3d_R40/moderate"] == pytest.approx(100.0)
     assert metrics["Car/bev_R40/moderate"] == pytest.approx(100.0)
+    assert metrics["Car/3d_recall/moderate"] == pytest.approx(100.0)
     assert metrics["nuscenes/mAP"] == pytest.approx(100.0)
 
 
@@ -78,7 +79,7 @@ def test_evaluate_model_drops_to_zero_when_boxes_move(synthetic_root):
                     for d in super().forward(batch)]
 
     metrics, _ = evaluate_model(Shifted(), DetectionDataset(synthetic_root, "train", PC_RANGE))
-    assert metrics["Car/3d_R40/moderate"] == 0.0
+    assert metrics["Car/3d_R40/moderate"] == 0.0 and metrics["Car/3d_recall/moderate"] == 0.0
     assert metrics["Car/bev_R40/moderate"] == 0.0
     # 5 m is beyond the largest centre-distance threshold (4 m); only a shifted box that lands
     # near a *different* object (cars parked in a row) can still match

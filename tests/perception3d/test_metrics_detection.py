@@ -17,6 +17,7 @@ from perception3d.metrics.detection import (
     kitti_ap_by_distance,
     kitti_ap_interval,
     kitti_difficulty,
+    kitti_recall,
     nuscenes_map,
 )
 from perception3d.structures import Boxes3D, Detections3D
@@ -154,6 +155,26 @@ def test_kitti_difficulty_ignore_logic():
     res = kitti_ap(gts, dets, classes=("Car", "Pedestrian"))
     assert res["Car"]["hard"] == 50.0 and math.isnan(res["Pedestrian"]["easy"])
     assert res["mAP"]["hard"] == 50.0
+
+
+def test_kitti_recall_and_the_r40_step():
+    # 80 cars in 4 frames, all detections placed exactly (precision 1): AP R40 is 2.5 points per
+    # recall position reached. 77 found (recall 0.9625) reach positions 1/40..38/40 -> 95.0; one
+    # more (0.975) reaches 39/40 -> 97.5: the step kitti_recall exposes.
+    gts = [_cars([10.0 * k for k in range(1, 21)]) for _ in range(4)]
+    for found, recall, ap in ((77, 96.25, 95.0), (78, 97.5, 97.5)):
+        dets, left = [], found
+        for g in gts:
+            n = min(left, len(g)); left -= n
+            dets.append(_dets(g.boxes[:n], torch.linspace(0.9, 0.2, n).tolist(), [0] * n))
+        assert kitti_recall(gts, dets, classes=("Car",))["Car"]["moderate"] == pytest.approx(recall)
+        assert kitti_ap(gts, dets, classes=("Car",))["Car"]["moderate"] == pytest.approx(ap)
+    # Any score counts; ignored GT (hard, -1) are not counted at easy; no valid GT -> nan.
+    gts = [_cars([10.0, 20.0, 30.0, 40.0], diff=[0, 0, 2, -1])]
+    boxes = [_box(10.0, 0.0), _box(31.0, 0.0), _box(40.0, 0.0), _box(60.0, 0.0)]
+    res = kitti_recall(gts, [_dets(boxes, [0.01, 0.9, 0.8, 0.99], [0] * 4)], classes=("Car", "Pedestrian"))
+    assert res["Car"] == {"easy": 50.0, "moderate": 50.0, "hard": pytest.approx(100 / 3)}
+    assert all(math.isnan(v) for v in res["Pedestrian"].values())
 
 
 def test_kitti_ap_by_distance():
