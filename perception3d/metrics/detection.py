@@ -369,6 +369,21 @@ def _thresholds(classes, iou_thresholds) -> dict:
     return thr
 
 
+def _by_difficulty(gts, dets, classes, iou_thresholds, metric, class_names, reduce: Callable) -> dict:
+    """`{class: {difficulty: reduce(tallies)}}`: each class matched once, then the per-frame
+    tallies (`_frame_tallies`) of each KITTI difficulty reduced to one number."""
+    ids = _check_inputs(gts, dets, classes, class_names)
+    pair_fn = _iou_fn(metric)
+    thr = _thresholds(classes, iou_thresholds)
+    result: dict = {}
+    for c in classes:
+        frames = _per_class_matches(gts, dets, ids[c], pair_fn, thr[c])
+        result[c] = {name: reduce(_frame_tallies(frames, lambda b, diff, level=level: (diff >= 0) & (diff <= level),
+                                                 lambda b: torch.zeros(b.shape[0], dtype=torch.bool)))
+                     for level, name in enumerate(DIFFICULTIES)}
+    return result
+
+
 # --- public metrics --------------------------------------------------------------------------
 def kitti_ap(
     gts: Sequence[FrameGT],
@@ -394,20 +409,8 @@ def kitti_ap(
         `{class: {"easy": AP, "moderate": AP, "hard": AP}, ..., "mAP": {difficulty: mean}}`,
         AP in percent; `nan` where a class has no valid GT.
     """
-    ids = _check_inputs(gts, dets, classes, class_names)
-    pair_fn = _iou_fn(metric)
-    thr = _thresholds(classes, iou_thresholds)
-    result: dict = {}
-    for c in classes:
-        frames = _per_class_matches(gts, dets, ids[c], pair_fn, thr[c])
-        result[c] = {}
-        for level, name in enumerate(DIFFICULTIES):
-            result[c][name] = _score(
-                frames,
-                lambda b, diff, level=level: (diff >= 0) & (diff <= level),
-                lambda b: torch.zeros(b.shape[0], dtype=torch.bool),
-                num_recall_points,
-            )
+    result = _by_difficulty(gts, dets, classes, iou_thresholds, metric, class_names,
+                            lambda tallies: _tallies_ap(tallies, num_recall_points))
     result["mAP"] = {name: _nan_mean(result[c][name] for c in classes) for name in DIFFICULTIES}
     return result
 
@@ -430,19 +433,11 @@ def kitti_recall(
         `{class: {"easy": recall, "moderate": recall, "hard": recall}}` in percent; `nan` where
         a class has no valid GT.
     """
-    ids = _check_inputs(gts, dets, classes, class_names)
-    pair_fn = _iou_fn(metric)
-    thr = _thresholds(classes, iou_thresholds)
-    result: dict = {}
-    for c in classes:
-        frames = _per_class_matches(gts, dets, ids[c], pair_fn, thr[c])
-        result[c] = {}
-        for level, name in enumerate(DIFFICULTIES):
-            tallies = _frame_tallies(frames, lambda b, diff, level=level: (diff >= 0) & (diff <= level),
-                                     lambda b: torch.zeros(b.shape[0], dtype=torch.bool))
-            found, total = sum(int(t[1].sum()) for t in tallies), sum(t[2] for t in tallies)
-            result[c][name] = 100.0 * found / total if total else float("nan")
-    return result
+    def recall(tallies) -> float:
+        found, total = sum(int(t[1].sum()) for t in tallies), sum(t[2] for t in tallies)
+        return 100.0 * found / total if total else float("nan")
+
+    return _by_difficulty(gts, dets, classes, iou_thresholds, metric, class_names, recall)
 
 
 def kitti_ap_interval(
