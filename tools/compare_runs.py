@@ -6,8 +6,9 @@
 Each RUN is LABEL=PATH, PATH a metrics.json written by tools/eval.py or tools/train.py, or the
 folder holding one. For the class, the picture shows each run's moderate 3D AP (R40) with its 95%
 interval over frames. Prints them as a Markdown table, with a run's difference to the model it was
-evaluated against (`eval.baseline`) and its paired interval where it has one; the last line is one
-JSON object of the numbers.
+evaluated against (`eval.baseline`) and its paired interval where it has one, and the highest recall
+of its moderate 3D curve (`3d_recall`, in runs evaluated since tools/eval.py reports it: a recall just
+below a multiple of 2.5 % costs an R40 position); the last line is one JSON object of the numbers.
 """
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ def read_run(spec: str, cls: str) -> dict:
             "ap_low": get("3d_R40_interval95/moderate_low"), "ap_high": get("3d_R40_interval95/moderate_high"),
             "minus_baseline": get("3d_R40_minus_baseline/moderate"),
             "minus_baseline_low": get("3d_R40_minus_baseline/moderate_low"),
-            "minus_baseline_high": get("3d_R40_minus_baseline/moderate_high"), "baseline": data.get("baseline")}
+            "minus_baseline_high": get("3d_R40_minus_baseline/moderate_high"), "recall": get("3d_recall/moderate"),
+            "baseline": data.get("baseline")}
 
 
 def _fmt(v: float | None, sign: bool = False) -> str:
@@ -64,13 +66,15 @@ def _fmt(v: float | None, sign: bool = False) -> str:
 
 
 def markdown_table(rows: list[dict], cls: str) -> str:
-    lines = [f"| run | {cls} 3D AP (R40, moderate) | 95% interval | minus its eval.baseline | paired 95% interval |",
-             "|---|---|---|---|---|"]
+    lines = [f"| run | {cls} 3D AP (R40, moderate) | 95% interval | minus its eval.baseline | paired 95% interval "
+             "| highest recall, % |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         iv = f"{_fmt(r['ap_low'])} to {_fmt(r['ap_high'])}" if r["ap_low"] is not None else ""
         div = (f"{_fmt(r['minus_baseline_low'], True)} to {_fmt(r['minus_baseline_high'], True)}"
                if r["minus_baseline_low"] is not None else "")
-        lines.append(f"| {r['label']} | {_fmt(r['ap'])} | {iv} | {_fmt(r['minus_baseline'], True)} | {div} |")
+        rec = "" if r["recall"] is None else f"{r['recall']:.2f}"
+        lines.append(f"| {r['label']} | {_fmt(r['ap'])} | {iv} | {_fmt(r['minus_baseline'], True)} | {div} | {rec} |")
     return "\n".join(lines)
 
 

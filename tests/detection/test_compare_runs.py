@@ -23,14 +23,16 @@ def test_compare_runs_picture_table_and_json(tmp_path, capsys):
                                 "Car/3d_R40_interval95/moderate_high": 81.3,
                                 "Car/3d_R40_minus_baseline/moderate": -6.69,
                                 "Car/3d_R40_minus_baseline/moderate_low": -7.77,
-                                "Car/3d_R40_minus_baseline/moderate_high": -5.61}, baseline="runs/a/predictions")
+                                "Car/3d_R40_minus_baseline/moderate_high": -5.61,
+                                "Car/3d_recall/moderate": 97.3268}, baseline="runs/a/predictions")
     out = tmp_path / "pics" / "cmp.png"
     assert main(["SECOND=" + str(a), f"DSVT={b / 'metrics.json'}", "--out", str(out)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert "| SECOND | 86.9 | 86.1 to 87.7 |  |  |" in lines
-    assert "| DSVT | 80.2 | 79.1 to 81.3 | -6.7 | -7.8 to -5.6 |" in lines
+    assert "| SECOND | 86.9 | 86.1 to 87.7 |  |  |  |" in lines  # no recall in runs evaluated before it
+    assert "| DSVT | 80.2 | 79.1 to 81.3 | -6.7 | -7.8 to -5.6 | 97.33 |" in lines
     result = json.loads(lines[-1])
     assert [r["ap"] for r in result["runs"]] == [86.89, 80.2]
+    assert [r["recall"] for r in result["runs"]] == [None, 97.3268]
     assert result["runs"][1]["baseline"] == "runs/a/predictions" and result["runs"][0]["baseline"] is None
     with Image.open(out) as im:
         assert im.format == "PNG" and im.width > 500 and im.height > 100
