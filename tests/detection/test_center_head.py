@@ -188,6 +188,8 @@ def test_options_validation():
         CenterHeadOptions(iou_alpha=(0.5, 0.5, 1.5))
     with pytest.raises(ValueError, match="iou_weight"):
         CenterHeadOptions(iou_weight=-1.0)
+    with pytest.raises(ValueError, match="diou_weight"):
+        CenterHeadOptions(diou_weight=-0.5)
 
 
 def _two_frame_car_targets(head: CenterHead):
@@ -237,6 +239,26 @@ def test_iou_branch_loss_and_rectified_decode():
     a = 0.68
     assert det.scores.tolist() == pytest.approx([0.6 ** (1 - a) * 0.9 ** a, 0.8 ** (1 - a) * 0.2 ** a], rel=1e-5)
     assert det.boxes.tensor[0, :2].tolist() == pytest.approx([60 * 0.4, -20 + 60 * 0.4])
+
+
+def test_diou_loss_hand_computed_with_gradient():
+    head = _head(diou_weight=2.0)
+    t = _two_frame_car_targets(head)
+    out = _perfect_outputs(head, t, 2)
+    offset = out.offset.clone()
+    offset[1, 0].view(-1)[t.pos_index[1]] += 2.0  # frame 1's box 0.8 m further along x, as above
+    offset.requires_grad_(True)
+    out = CenterHeadOutput(out.heatmap, offset, out.z, out.dims, out.rot, out.direction)
+    losses = head.loss(out, t)
+    # frame 0 exact: 1 - DIoU = 0; frame 1: IoU 2/3, centres 0.8 m apart, enclosing box 4.8 x 2 x 1.5 m
+    diou = 2.0 / 3.0 - 0.8 ** 2 / (4.8 ** 2 + 2.0 ** 2 + 1.5 ** 2)
+    assert losses["loss_diou"].item() == pytest.approx((1 - diou) / 2, rel=1e-5)
+    rest = losses["loss_heatmap"] + 0.25 * losses["loss_reg"] + 0.2 * losses["loss_direction"]
+    assert losses["loss"].item() == pytest.approx((rest + 2.0 * losses["loss_diou"]).item(), rel=1e-6)
+    losses["loss"].backward()
+    g = offset.grad[1, 0].view(-1)[t.pos_index[1]].item()
+    assert g > 0  # the loss falls as frame 1's box moves back (the L1 term pulls the same way)
+    assert "loss_diou" not in _head().loss(_perfect_outputs(_head(), t, 2), t)  # off by default
 
 
 def test_bev_backbone_shapes():

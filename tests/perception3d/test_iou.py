@@ -10,7 +10,8 @@ from shapely.geometry import Polygon
 
 from perception3d.errors import DataError
 from perception3d.geometry.boxes import box_corners
-from perception3d.geometry.iou import bev_intersection_area, iou_3d, iou_3d_aligned, iou_bev, nms_bev
+from perception3d.geometry.iou import (bev_intersection_area, diou_3d_in_frame, iou_3d, iou_3d_aligned, iou_bev,
+                                       nms_bev)
 
 
 def _poly(box: torch.Tensor) -> Polygon:
@@ -197,3 +198,44 @@ def test_iou_3d_aligned_is_the_diagonal():
     assert (got[:5] == 0).all() and (got[5:] > 0).sum() > 20
     with pytest.raises(DataError, match="as many boxes"):
         iou_3d_aligned(a, b[:3])
+
+
+def test_diou_3d_in_frame_known_answer_in_a_turned_frame():
+    # gt 4 x 2 x 1 at the origin; pred the same box 1 m ahead along gt's heading: overlap 3 x 2 x 1,
+    # union 10, IoU 0.6; enclosing box 5 x 2 x 1, diagonal^2 30, centre distance^2 1.
+    want = 0.6 - 1.0 / 30.0
+    for yaw in (0.0, math.pi / 2, -2.0):
+        gt = torch.tensor([[10.0, -3.0, 0.5, 4.0, 2.0, 1.0, yaw]], dtype=torch.float64)
+        pred = gt.clone()
+        pred[0, 0] += math.cos(yaw)
+        pred[0, 1] += math.sin(yaw)
+        pred[0, 6] = yaw + 0.3  # pred's own yaw is not used
+        assert diou_3d_in_frame(pred, gt).item() == pytest.approx(want, abs=1e-12)
+    with pytest.raises(DataError, match="as many boxes"):
+        diou_3d_in_frame(pred, torch.cat([gt, gt]))
+
+
+def test_diou_3d_in_frame_is_the_exact_iou_for_concentric_boxes_of_one_axis():
+    # Same centre, yaw equal modulo pi: no distance penalty, and the IoU is the rotated 3D IoU.
+    gen = torch.Generator().manual_seed(5)
+    n = 60
+    gt = torch.cat([torch.rand(n, 3, generator=gen, dtype=torch.float64) * 20,
+                    torch.rand(n, 3, generator=gen, dtype=torch.float64) * 3 + 0.3,
+                    torch.rand(n, 1, generator=gen, dtype=torch.float64) * 6 - 3], 1)
+    pred = gt.clone()
+    pred[:, 3:6] = torch.rand(n, 3, generator=gen, dtype=torch.float64) * 3 + 0.3
+    pred[::2, 6] += math.pi
+    assert torch.allclose(diou_3d_in_frame(pred, gt), iou_3d_aligned(pred, gt), atol=1e-12)
+
+
+def test_diou_3d_in_frame_gradients_and_disjoint_boxes():
+    gen = torch.Generator().manual_seed(6)
+    gt = torch.tensor([[0.0, 0.0, 0.0, 4.0, 2.0, 1.5, 0.7]] * 3, dtype=torch.float64)
+    pred = gt + torch.randn(3, 7, generator=gen, dtype=torch.float64) * 0.3
+    pred[2, 0] += 30.0  # no overlap: IoU 0, DIoU < 0, the centre still has a gradient
+    pred.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda p: diou_3d_in_frame(p, gt), (pred,))
+    out = diou_3d_in_frame(pred, gt)
+    assert -1.0 < out[2].item() < -0.5
+    out[2].backward()
+    assert pred.grad[2, 0].item() < 0  # moving it back towards gt raises the DIoU
