@@ -22,14 +22,15 @@ from detection.models.detector import CenterPointDetector
 from detection.predictions import read_predictions, write_predictions
 from detection.structures import collate
 from perception3d.engine import distributed, fit, load_checkpoint, seed_everything
+from perception3d.geometry.boxes import points_in_boxes_count
 from perception3d.io.atomic import atomic_write_text
 from perception3d.io.kitti import KittiDataset
 from perception3d.metrics.detection import (FrameGT, box_errors, kitti_ap, kitti_ap_by_distance, kitti_ap_interval,
-                                           kitti_difficulty, kitti_recall, nuscenes_map, oracle_ap)
+                                           kitti_difficulty, kitti_recall, missed_objects, nuscenes_map, oracle_ap)
 from perception3d.structures import CLASSES, Detections3D
 from perception3d.viz import draw_bev, draw_camera, save_figure
 
-__all__ = ["prepare_data", "train", "evaluate", "evaluate_model"]
+__all__ = ["prepare_data", "train", "evaluate", "evaluate_model", "write_missed"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,10 @@ def _val_frame_gt(frame, classes, pc_range) -> FrameGT:
                    difficulty=torch.from_numpy(np.asarray(difficulty, np.int64)))
 
 
+def _frame_gts(dataset: DetectionDataset) -> list[FrameGT]:
+    return [_val_frame_gt(dataset.kitti[i], dataset.classes, dataset.pc_range) for i in range(len(dataset))]
+
+
 @torch.no_grad()
 def predict(model, dataset: DetectionDataset, batch_size: int = 2, desc: str = "predict") -> list[Detections3D]:
     """Run the detector over a dataset; one `Detections3D` per frame, in dataset order."""
@@ -99,7 +104,7 @@ def evaluate_model(model, dataset: DetectionDataset, distance_bins_m=(0.0, 20.0,
     `Car/3d_recall/moderate`, `Car/box_error_median/z_m`, `Car/3d_R40_oracle/z_height`.
     """
     dets = predict(model, dataset, desc="eval")
-    gts = [_val_frame_gt(dataset.kitti[i], dataset.classes, dataset.pc_range) for i in range(len(dataset))]
+    gts = _frame_gts(dataset)
     metrics: dict[str, float] = {}
     for metric in ("3d", "bev"):
         res = kitti_ap(gts, dets, classes=dataset.classes, metric=metric)
@@ -132,6 +137,31 @@ def evaluate_model(model, dataset: DetectionDataset, distance_bins_m=(0.0, 20.0,
         for part, ap in by_part.items():
             metrics[f"{cls}/3d_R40_oracle/{part}"] = float(ap)
     return metrics, dets
+
+
+_MISSED_COLUMNS = ("frame_id", "class", "x", "y", "z", "dx", "dy", "dz", "yaw", "range_m", "lidar_points",
+                   "best_iou", "best_score")
+
+
+def write_missed(dataset: DetectionDataset, dets: Sequence[Detections3D], path: Path) -> int:
+    """Writes `path` (CSV, atomically): one row per moderate ground-truth object no detection
+    matches at the class's 3D IoU threshold (`missed_objects`: what keeps `3d_recall` below 100),
+    with its box, BEV range, LiDAR points inside it, and the best IoU of a box of its class in
+    the frame with that box's score (empty without one). Returns the number of rows."""
+    gts = _frame_gts(dataset)
+    missed = missed_objects(gts, dets, classes=dataset.classes)
+    lines = [",".join(_MISSED_COLUMNS)]
+    for f in sorted({m["frame"] for m in missed}):
+        frame = dataset.kitti[f]
+        rows = [m for m in missed if m["frame"] == f]
+        boxes = gts[f].boxes[[m["gt_index"] for m in rows]].to(torch.float32)
+        counts = points_in_boxes_count(torch.as_tensor(frame.points_lidar[:, :3], dtype=torch.float32), boxes)
+        for m, box, n in zip(rows, boxes.tolist(), counts.tolist()):
+            score = "" if m["best_score"] != m["best_score"] else f"{m['best_score']:.4f}"
+            lines.append(",".join([str(frame.frame_id), m["class"], *(f"{v:.3f}" for v in box),
+                                   f"{np.hypot(box[0], box[1]):.2f}", str(n), f"{m['best_iou']:.4f}", score]))
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return len(missed)
 
 
 def _draw_frame(path: Path, points, frame, gt_boxes, det: Detections3D, pc_range, title: str) -> None:
@@ -206,6 +236,7 @@ def _read_baseline(cfg: DetectionConfig, val_set: DetectionDataset) -> list[Dete
 def _finish(model, cfg: DetectionConfig, val_set, out_dir: Path, extra: dict, baseline, evaluated=None) -> dict:
     metrics, dets = evaluated or evaluate_model(model, val_set, cfg.eval.distance_bins_m, baseline)
     write_predictions(val_set.kitti, dets, out_dir / "predictions", val_set.classes)
+    num_missed = write_missed(val_set, dets, out_dir / "missed.csv")
     pictures = _pictures(model, cfg, val_set, dets, out_dir)
     # AP is undefined (NaN) for a class without ground truth at a difficulty; JSON gets null
     clean = {k: (None if v != v else v) for k, v in metrics.items()}
@@ -214,6 +245,7 @@ def _finish(model, cfg: DetectionConfig, val_set, out_dir: Path, extra: dict, ba
         result["baseline"] = str(cfg.eval.baseline)  # what the `..._minus_baseline` metrics are against
     atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2))
     print(f"[eval] {len(val_set)} held-out frames; AP (%), KITTI R40:\n{_summary(metrics)}")
+    print(f"[eval] {num_missed} moderate objects without a box above the 3D IoU threshold: {out_dir / 'missed.csv'}")
     print(f"[eval] metrics: {out_dir / 'metrics.json'}; pictures: {', '.join(pictures)}")
     return result
 

@@ -27,6 +27,8 @@ KITTI (`kitti_ap`, `kitti_ap_by_distance`)
       score: the highest recall the curve reaches. R40 loses every position above it, so a
       recall just below a multiple of 1/40 (say 0.974) costs up to 2.5 AP points that one more
       found box (0.975) would bring back: it tells an AP difference from a ranking difference.
+    * Missed objects (`missed_objects`): the valid GT no detection matches, each with its best
+      IoU and that box's score; `tools/eval.py` writes them to `missed.csv`.
     * By distance: valid GT are those whose BEV range `hypot(x, y)` from the sensor lies in
       `[lo, hi)`; GT outside are ignored. Unmatched detections outside the bin are ignored
       (not FP); a detection matched to a valid GT is a TP wherever its own centre lies.
@@ -91,6 +93,7 @@ __all__ = [
     "kitti_ap_by_distance",
     "kitti_ap_interval",
     "kitti_recall",
+    "missed_objects",
     "nuscenes_map",
     "box_errors",
     "oracle_ap",
@@ -438,6 +441,54 @@ def kitti_recall(
         return 100.0 * found / total if total else float("nan")
 
     return _by_difficulty(gts, dets, classes, iou_thresholds, metric, class_names, recall)
+
+
+def missed_objects(
+    gts: Sequence[FrameGT],
+    dets: Sequence[Detections3D],
+    classes: Sequence[str] = CLASSES,
+    iou_thresholds: Mapping[str, float] = _DEFAULT_IOU,
+    difficulty: str = "moderate",
+    class_names: Sequence[str] | None = None,
+) -> list[dict]:
+    """The valid GT boxes at `difficulty` that no detection matches at 3D IoU (the matching of
+    :func:`kitti_ap`, any score): the objects that keep :func:`kitti_recall` below 100, each with
+    the detection of its class nearest to matching it.
+
+    Args:
+        gts, dets, classes, iou_thresholds, class_names: as for :func:`kitti_ap`.
+        difficulty: "easy", "moderate" or "hard" (valid GT as in :func:`kitti_ap`).
+
+    Returns:
+        One dict per missed object, by frame then class: `frame` (index into `gts`), `class`,
+        `gt_index` (row of `gts[frame].boxes`), `best_iou` (highest 3D IoU of a detection of its
+        class in that frame, 0 if none overlaps it; above the threshold when that detection
+        matched another GT) and `best_score` (that detection's score; `nan` if none overlaps it).
+    """
+    ids = _check_inputs(gts, dets, classes, class_names)
+    thr = _thresholds(classes, iou_thresholds)
+    level = _difficulty_level(difficulty)
+    missed = []
+    for c in classes:
+        frames = _per_class_matches(gts, dets, ids[c], iou_3d, thr[c])
+        for f, (gt_boxes, gt_diff, det_boxes, det_scores, matched) in enumerate(frames):
+            lost = ((gt_diff >= 0) & (gt_diff <= level)).numpy()
+            lost[matched[matched >= 0]] = False
+            if not lost.any():
+                continue
+            rows = np.nonzero((gts[f].labels == ids[c]).numpy())[0]
+            if det_boxes.shape[0]:
+                iou = iou_3d(det_boxes, gt_boxes[torch.from_numpy(lost)]).numpy()  # [D, lost]
+                best = iou.argmax(axis=0)
+                best_iou = iou[best, np.arange(best.size)]
+                best_score = np.where(best_iou > 0, det_scores[best], np.nan)
+            else:
+                best_iou, best_score = np.zeros(int(lost.sum())), np.full(int(lost.sum()), np.nan)
+            for j, i, s in zip(np.nonzero(lost)[0], best_iou, best_score):
+                missed.append({"frame": f, "class": c, "gt_index": int(rows[j]), "best_iou": float(i),
+                               "best_score": float(s)})
+    missed.sort(key=lambda m: (m["frame"], list(classes).index(m["class"]), m["gt_index"]))
+    return missed
 
 
 def kitti_ap_interval(

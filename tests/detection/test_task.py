@@ -1,7 +1,9 @@
 """The detection experiment end to end: samples, augmentation, evaluation plumbing, train/eval CLI."""
 from __future__ import annotations
 
+import csv
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +15,7 @@ from PIL import Image
 
 from detection.data import AugmentConfig, DetectionDataset, _augment
 from detection.predictions import read_predictions, write_predictions
-from detection.task import evaluate_model
+from detection.task import _MISSED_COLUMNS, _frame_gts, evaluate_model, predict, write_missed
 from perception3d.errors import DataError
 from perception3d.io.kitti import read_label
 from perception3d.geometry.boxes import points_in_boxes_count
@@ -70,6 +72,31 @@ def test_evaluate_model_gives_100_for_ground_truth(synthetic_root):
     assert metrics["Car/bev_R40/moderate"] == pytest.approx(100.0)
     assert metrics["Car/3d_recall/moderate"] == pytest.approx(100.0)
     assert metrics["nuscenes/mAP"] == pytest.approx(100.0)
+
+
+def test_write_missed_lists_a_dropped_car(synthetic_root, tmp_path):
+    ds = DetectionDataset(synthetic_root, "train", PC_RANGE)
+    dets = predict(_GroundTruthModel(), ds)
+    assert write_missed(ds, dets, tmp_path / "none.csv") == 0
+    assert (tmp_path / "none.csv").read_text().splitlines() == [",".join(_MISSED_COLUMNS)]
+    gt = _frame_gts(ds)[0]
+    j = int(torch.nonzero((gt.labels == 0) & (gt.difficulty >= 0) & (gt.difficulty <= 1))[0])
+    car = gt.boxes[j].float()
+    d = dets[0]
+    keep = (d.boxes.tensor[:, :3] - car[:3]).norm(dim=1) > 1e-3  # drop the box of that car
+    assert int((~keep).sum()) == 1
+    dets[0] = Detections3D(Boxes3D(d.boxes.tensor[keep]), d.scores[keep], d.labels[keep])
+    assert write_missed(ds, dets, tmp_path / "missed.csv") == 1
+    rows = list(csv.DictReader((tmp_path / "missed.csv").open()))
+    assert len(rows) == 1 and rows[0]["frame_id"] == str(ds.kitti.ids[0]) and rows[0]["class"] == "Car"
+    assert [float(rows[0][k]) for k in ("x", "y", "z", "dx", "dy", "dz")] == pytest.approx(car[:6].tolist(), abs=1e-3)
+    assert float(rows[0]["best_iou"]) == 0.0 and rows[0]["best_score"] == ""  # no other car overlaps it
+    # LiDAR points inside the box, counted here in the box's own frame
+    pts = ds.kitti[0].points_lidar[:, :3].astype(np.float64) - car[:3].double().numpy()
+    c, s = math.cos(car[6]), math.sin(car[6])
+    local = np.stack([c * pts[:, 0] + s * pts[:, 1], -s * pts[:, 0] + c * pts[:, 1], pts[:, 2]], 1)
+    inside = (np.abs(local) <= car[3:6].double().numpy() / 2).all(axis=1)
+    assert int(rows[0]["lidar_points"]) == int(inside.sum()) > 0
 
 
 def test_evaluate_model_drops_to_zero_when_boxes_move(synthetic_root):

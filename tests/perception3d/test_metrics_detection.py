@@ -18,6 +18,7 @@ from perception3d.metrics.detection import (
     kitti_ap_interval,
     kitti_difficulty,
     kitti_recall,
+    missed_objects,
     nuscenes_map,
 )
 from perception3d.structures import Boxes3D, Detections3D
@@ -175,6 +176,37 @@ def test_kitti_recall_and_the_r40_step():
     res = kitti_recall(gts, [_dets(boxes, [0.01, 0.9, 0.8, 0.99], [0] * 4)], classes=("Car", "Pedestrian"))
     assert res["Car"] == {"easy": 50.0, "moderate": 50.0, "hard": pytest.approx(100 / 3)}
     assert all(math.isnan(v) for v in res["Pedestrian"].values())
+
+
+def test_missed_objects_lists_what_recall_misses():
+    from perception3d.geometry.iou import iou_3d
+
+    ped = _box(10.0, 5.0, label=1)
+    gts = [
+        FrameGT(torch.tensor([_box(10.0, 0.0), _box(20.0, 0.0), _box(30.0, 0.0), _box(40.0, 0.0)]),
+                torch.zeros(4, dtype=torch.int64), torch.tensor([0, 1, 2, -1])),
+        FrameGT(torch.tensor([ped, _box(10.0, 0.0)]), torch.tensor([1, 0]), torch.tensor([0, 0])),
+        # two overlapping cars, one box between them: it matches the nearer, the other is missed
+        # although that box overlaps it above 0.7 too
+        _cars([10.0, 10.3]),
+    ]
+    near = _box(20.5, 0.0)
+    dets = [_dets([_box(10.0, 0.0), near], [0.3, 0.8], [0, 0]), _dets([ped], [0.9], [1]),
+            _dets([_box(10.1, 0.0)], [0.6], [0])]
+    got = missed_objects(gts, dets, classes=("Car", "Pedestrian"))
+    iou_near = iou_3d(torch.tensor([near], dtype=torch.float64), gts[0].boxes[1:2].double()).item()
+    iou_taken = iou_3d(torch.tensor([_box(10.1, 0.0)], dtype=torch.float64), gts[2].boxes[1:2].double()).item()
+    assert iou_near < 0.7 < iou_taken
+    assert [(m["frame"], m["class"], m["gt_index"]) for m in got] == [(0, "Car", 1), (1, "Car", 1), (2, "Car", 1)]
+    assert [m["best_iou"] for m in got] == pytest.approx([iou_near, 0.0, iou_taken])
+    assert got[0]["best_score"] == pytest.approx(0.8) and math.isnan(got[1]["best_score"])
+    # the hard car (frame 0, row 2) is missed too, but valid only at "hard"; row 3 (-1) never
+    hard = missed_objects(gts, dets, classes=("Car",), difficulty="hard")
+    assert [(m["frame"], m["gt_index"]) for m in hard] == [(0, 1), (0, 2), (1, 1), (2, 1)]
+    # as many as the recall leaves: 5 valid moderate cars, 3 of them missed
+    assert kitti_recall(gts, dets, classes=("Car",))["Car"]["moderate"] == pytest.approx(100.0 * (5 - 3) / 5)
+    with pytest.raises(DataError, match="difficulty"):
+        missed_objects(gts, dets, difficulty="medium")
 
 
 def test_kitti_ap_by_distance():
