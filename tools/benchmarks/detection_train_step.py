@@ -7,12 +7,17 @@
   seeds 0-3, the configs' batch size) with their boxes, cut to the point-cloud range, without
   augmentation.
 * A step: forward (under ``torch.autocast(bfloat16)`` for bf16, as ``perception3d.engine.fit``
-  runs it), loss, backward, AdamW step. ``ms_*``: medians of ``repeats`` steps after 2 warm-ups.
+  runs it), loss, backward, AdamW step. ``ms_*``: medians of ``repeats`` steps after 2 warm-ups,
+  all on that one batch.
+* ``ms_*_bf16_new_batches``: the bf16 step as training meets it, each step on another batch
+  (frames 4-7, 8-11, ...; the warm-ups too): every batch has its own number of voxels, so oneDNN
+  builds kernels for new shapes instead of reusing cached ones.
 * ``cpu_amx_bf16``: whether the CPU reports AMX bf16 units (Linux ``/proc/cpuinfo``); bf16 is
   fast only with them (or on a GPU).
 """
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from pathlib import Path
@@ -32,10 +37,13 @@ THREADS = 2
 CONFIGS = {"dsvt": "dsvt_fine_bev04_reg1_synthetic.yaml", "second": "second_reg1_synthetic.yaml"}
 
 
-def _batch(pc_range) -> DetectionBatch:
+_frame = functools.lru_cache(maxsize=None)(generate_frame)  # both models see the same frames
+
+
+def _batch(pc_range, first_seed: int = 0) -> DetectionBatch:
     samples = []
-    for seed in range(4):
-        frame = generate_frame(seed)
+    for seed in range(first_seed, first_seed + 4):
+        frame = _frame(seed)
         pts = np.asarray(frame.points_lidar, np.float32)
         boxes, labels, _ = frame_targets(frame)
         r = pc_range
@@ -46,9 +54,11 @@ def _batch(pc_range) -> DetectionBatch:
     return collate(samples)
 
 
-def _step_ms(model, opt, batch, bf16: bool, repeats: int) -> float:
+def _step_ms(model, opt, batches: list[DetectionBatch], bf16: bool, repeats: int) -> float:
+    """Median of `repeats` steps after 2 warm-ups; step i runs on `batches[i % len(batches)]`."""
     times = []
     for i in range(repeats + 2):
+        batch = batches[i % len(batches)]
         t = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = model(batch)["loss"]
@@ -74,7 +84,9 @@ def run(repeats: int = 5) -> dict:
             torch.manual_seed(0)
             model = CenterPointDetector(cfg.model).train()
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-            result[f"ms_{name}_{precision}"] = _step_ms(model, opt, batch, precision == "bf16", repeats)
+            result[f"ms_{name}_{precision}"] = _step_ms(model, opt, [batch], precision == "bf16", repeats)
+        new_batches = [_batch(cfg.model.pc_range_m, 4 * (i + 1)) for i in range(repeats + 2)]
+        result[f"ms_{name}_bf16_new_batches"] = _step_ms(model, opt, new_batches, True, repeats)
         with torch.no_grad():
             result[f"voxels_{name}"] = model.voxelize(batch).num_voxels
     result["speedup_dsvt_bf16"] = round(result["ms_dsvt_fp32"] / result["ms_dsvt_bf16"], 2)
