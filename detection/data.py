@@ -8,17 +8,18 @@ run sees exactly the same augmented samples as an uninterrupted one.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from perception3d.errors import DataError
+from perception3d.errors import ConfigError, DataError
 from perception3d.io.kitti import KittiDataset
 from perception3d.structures import CLASSES
 
-__all__ = ["AugmentConfig", "DetectionSample", "DetectionDataset", "frame_targets"]
+__all__ = ["AugmentConfig", "DetectionSample", "DetectionDataset", "frame_targets", "read_split"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,18 @@ class AugmentConfig:
     flip_y: bool = True
     rotation_rad: tuple[float, float] = (-0.785, 0.785)
     scale: tuple[float, float] = (0.95, 1.05)
+
+    def __post_init__(self) -> None:
+        for name in ("rotation_rad", "scale"):
+            v = tuple(getattr(self, name))
+            if len(v) != 2 or not all(math.isfinite(x) for x in v):
+                raise ConfigError(f"data.augment.{name}: expected 2 finite numbers (low, high), got {list(v)}")
+            if v[0] > v[1]:
+                raise ConfigError(f"data.augment.{name}: expected (low, high) with low <= high, got {list(v)} "
+                                  f"(reversed bounds?)")
+        if self.scale[0] <= 0:
+            raise ConfigError(f"data.augment.scale: expected scale factors > 0 (1: no scaling), got "
+                              f"{list(self.scale)}")
 
 
 @dataclass(frozen=True)
@@ -72,6 +85,39 @@ def _augment(points: np.ndarray, boxes: np.ndarray, rng: np.random.Generator, cf
     return points, boxes
 
 
+def read_split(root: str | Path, split: str) -> list[str]:
+    """Frame ids of `root/ImageSets/<split>.txt`, one per line.
+
+    Raises:
+        DataError: a missing, empty or non-text file, a line with more than one id, or an id listed
+            twice, naming the file (and line).
+    """
+    ids_file = Path(root) / "ImageSets" / f"{split}.txt"
+    if not ids_file.is_file():
+        raise DataError(f"{ids_file}: split file not found (expected one frame id per line)")
+    try:
+        text = ids_file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{ids_file}: not a text file (byte {e.start}); expected one frame id per line") from None
+    ids: list[str] = []
+    first_line: dict[str, int] = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        tok = line.split()
+        if not tok:
+            continue
+        if len(tok) > 1:
+            raise DataError(f"{ids_file}:{lineno}: expected one frame id per line, got {line.strip()!r}")
+        fid = f"{int(tok[0]):06d}" if tok[0].isdigit() else tok[0]
+        if fid in first_line:
+            raise DataError(f"{ids_file}:{lineno}: frame {tok[0]} is listed twice (first on line "
+                            f"{first_line[fid]}); expected each frame once")
+        first_line[fid] = lineno
+        ids.append(fid)
+    if not ids:
+        raise DataError(f"{ids_file}: no frame ids listed (expected one frame id per line)")
+    return ids
+
+
 class DetectionDataset:
     """Training / evaluation samples from a KITTI-layout root.
 
@@ -81,18 +127,21 @@ class DetectionDataset:
         pc_range_m: `(x0, y0, z0, x1, y1, z1)`; points outside are dropped, and so are GT boxes
             whose centre lies outside.
         augment: augmentation options, or None (evaluation).
+
+    Raises:
+        DataError: at construction, for a bad split file (`read_split`) or a listed frame whose files
+            are missing or malformed (`KittiDataset.check`), naming the file.
     """
 
     def __init__(self, root: str | Path, split: str, pc_range_m: Sequence[float],
                  augment: AugmentConfig | None = None, classes: Sequence[str] = CLASSES):
         root = Path(root)
-        ids_file = root / "ImageSets" / f"{split}.txt"
-        if not ids_file.is_file():
-            raise DataError(f"{ids_file}: split file not found (expected one frame id per line)")
-        ids = [line.strip() for line in ids_file.read_text().splitlines() if line.strip()]
-        if not ids:
-            raise DataError(f"{ids_file}: no frame ids listed")
+        ids = read_split(root, split)
+        # every listed frame's files are checked now (missing, truncated, malformed labels and
+        # calibrations, unreadable image headers), not when training reaches the frame
         self.kitti = KittiDataset(root, split="training", ids=ids, load_image=False)
+        self.kitti.source = str(root / "ImageSets" / f"{split}.txt")
+        self.kitti.check()
         self.pc_range = np.asarray(pc_range_m, dtype=np.float32)
         self.augment = augment
         self.classes = tuple(classes)

@@ -7,6 +7,8 @@ same frames (`detection.task.evaluate_model`).
 """
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -14,8 +16,9 @@ import numpy as np
 import torch
 
 from perception3d.errors import DataError
+from perception3d.io.atomic import fsync_dir
 from perception3d.geometry.boxes import box_to_image_bbox, boxes_lidar_to_kitti_camera, kitti_camera_to_boxes_lidar
-from perception3d.io.kitti import KittiDataset, KittiLabels, read_label, write_label
+from perception3d.io.kitti import KittiDataset, KittiLabels, read_image_shape, read_label, write_label
 from perception3d.structures import Boxes3D, Detections3D
 
 __all__ = ["write_predictions", "read_predictions"]
@@ -28,11 +31,30 @@ def write_predictions(kitti: KittiDataset, dets: Sequence[Detections3D], folder:
     Camera boxes through each frame's calibration; the 2D box is the projected 3D box clipped to
     the image (zeros where the image size is unknown); truncation and occlusion are -1 (unknown,
     as OpenPCDet writes them); alpha is `rotation_y - atan2(x, z)` of the camera box.
+
+    The files are written to a temporary folder beside `folder` that then replaces it, so
+    `folder` holds either the previous predictions or all of the new ones, never a mix.
     """
     if len(dets) != len(kitti):
         raise DataError(f"write_predictions: {len(dets)} detection sets for {len(kitti)} frames")
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.partial-{os.getpid()}"
+    old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        _write_files(kitti, dets, tmp, classes)
+        if folder.exists():
+            os.rename(folder, old)
+        os.rename(tmp, folder)
+        fsync_dir(folder.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_files(kitti: KittiDataset, dets: Sequence[Detections3D], folder: Path, classes: Sequence[str]) -> None:
     names = np.asarray(classes)
     for i, det in enumerate(dets):
         calib = kitti.calib(i)
@@ -57,16 +79,30 @@ def read_predictions(kitti: KittiDataset, folder: str | Path, classes: Sequence[
     Lines of other types (e.g. DontCare, Van) are skipped.
 
     Raises:
-        DataError: a missing folder or file, or a file without scores, naming it.
+        DataError: before reading any box: a missing folder, a folder without a file for each
+            frame (one message listing them; a run folder gets the hint to name its
+            `predictions/`); then a malformed file or one without scores, naming it (and the line).
     """
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"{folder}: is a file; expected a predictions folder (one KITTI result file per frame)")
     if not folder.is_dir():
         raise DataError(f"{folder}: predictions folder not found (expected one KITTI result file per frame)")
+    missing = [fid for fid in kitti.ids if not (folder / f"{fid}.txt").is_file()]
+    if missing:
+        hint = ""
+        if (folder / "predictions").is_dir():
+            hint = f"; {folder} looks like a run folder: name its predictions/ subfolder"
+        elif not any(folder.glob("*.txt")):
+            hint = "; the folder holds no .txt result files"
+        shown = ", ".join(f"{fid}.txt" for fid in missing[:5]) + (f" and {len(missing) - 5} more"
+                                                                 if len(missing) > 5 else "")
+        first = folder / f"{missing[0]}.txt"
+        raise DataError(f"{first}: no predictions for frame {missing[0]} (the folder must cover the evaluated "
+                        f"frames; {len(missing)} of {len(kitti.ids)} missing: {shown}){hint}")
     out = []
     for i, fid in enumerate(kitti.ids):
         path = folder / f"{fid}.txt"
-        if not path.is_file():
-            raise DataError(f"{path}: no predictions for frame {fid} (the folder must cover the evaluated frames)")
         lab = read_label(path)
         keep = np.isin(lab.names, list(classes))
         lab = lab.select(keep)
@@ -83,7 +119,4 @@ def _image_shape(kitti: KittiDataset, index: int) -> tuple[int, int] | None:
     path = kitti.path("image_2", kitti.ids[index])
     if not path.is_file():
         return None
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return im.height, im.width
+    return read_image_shape(path)

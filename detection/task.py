@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -22,9 +21,10 @@ from detection.models.detector import CenterPointDetector
 from detection.predictions import read_predictions, write_predictions
 from detection.structures import collate
 from perception3d.engine import distributed, fit, load_checkpoint, seed_everything
+from perception3d.errors import ConfigError, DataError
 from perception3d.geometry.boxes import points_in_boxes_count
 from perception3d.io.atomic import atomic_write_text
-from perception3d.io.kitti import KittiDataset
+from perception3d.io.kitti import KittiDataset, read_image
 from perception3d.metrics.detection import (FrameGT, box_errors, kitti_ap, kitti_ap_by_distance, kitti_ap_interval,
                                            kitti_difficulty, kitti_recall, missed_objects, nuscenes_map, oracle_ap)
 from perception3d.structures import CLASSES, Detections3D
@@ -35,28 +35,82 @@ __all__ = ["prepare_data", "train", "evaluate", "evaluate_model", "write_missed"
 log = logging.getLogger(__name__)
 
 
-def prepare_data(cfg: DataConfig) -> Path:
+def prepare_data(cfg: DataConfig, training: bool = True) -> Path:
     """Return the dataset root, generating the synthetic dataset first if it is configured and absent.
 
-    Generation writes into a temporary folder renamed into place at the end, so an interrupted
-    run never leaves a half-written dataset behind.
+    A root holding `ImageSets/` without a generator record (a real dataset) is used as it is. A
+    generated root records its settings (`synthetic.json`); when they differ from
+    `data.synthetic`, a ConfigError names each one (set `data.synthetic: null` to use the folder
+    as it is). Generation writes into a temporary folder renamed into place at the end
+    (`write_kitti_dataset`), so an interrupted run never leaves a half-written dataset behind.
+
+    Args:
+        cfg: the data config.
+        training: the caller trains (the train split must not be empty), else only evaluates.
+
+    Raises:
+        ConfigError: all before anything is written: no dataset at `data.root` and no
+            `data.synthetic`, a folder there that is no dataset, a generated dataset with other
+            settings, or settings that leave a needed split empty.
     """
+    from perception3d.synthetic.dataset import (dataset_settings, read_settings_record, settings_differences,
+                                                write_kitti_dataset)
+
     root = Path(cfg.root)
-    if (root / "ImageSets").is_dir():
-        return root
-    if cfg.synthetic is None:
-        raise FileNotFoundError(f"data.root={root}: no KITTI-layout dataset there (ImageSets/ missing) "
-                                "and data.synthetic is not set, so none is generated")
-    from perception3d.synthetic.dataset import write_kitti_dataset
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"data.root={root}: is a file; expected a KITTI-layout folder (training/, ImageSets/)")
+    record = read_settings_record(root) if root.is_dir() else None
+    has_dataset = (root / "ImageSets").is_dir()
+    syn = cfg.synthetic
+    if has_dataset and (record is None or syn is None):
+        return root  # a real dataset, or a generated one used as it is
+    if syn is None:
+        raise ConfigError(f"data.root={root}: no KITTI-layout dataset there (ImageSets/ missing) "
+                          "and data.synthetic is null, so none is generated")
+    wanted = dataset_settings(syn.frames, syn.seed, val_fraction=syn.val_fraction)
+    if record is not None:
+        diff = settings_differences(record, wanted)
+        if diff:
+            names = {"frames": "data.synthetic.frames", "seed": "data.synthetic.seed",
+                     "val_fraction": "data.synthetic.val_fraction"}
+            what = "; ".join(f"{names.get(k, k)}={b!r} but the folder has {a!r}" for k, a, b in diff)
+            raise ConfigError(f"data.root={root}: holds a synthetic dataset generated with other settings "
+                              f"({root / 'synthetic.json'}): {what}. Point data.root at another folder, set "
+                              "data.synthetic to the recorded settings, or set data.synthetic: null to use the "
+                              "folder as it is")
+    _check_synthetic_splits(cfg, training)
+    if record is None:
+        if root.is_dir() and any(root.iterdir()):
+            raise ConfigError(f"data.root={root}: the folder exists but holds no KITTI-layout dataset (no "
+                              "ImageSets/), so data.synthetic cannot generate one there; remove it or point "
+                              "data.root elsewhere")
+        print(f"[data] generating {syn.frames} synthetic KITTI-layout frames (seed {syn.seed}) into {root}")
+        write_kitti_dataset(root, num_frames=syn.frames, seed=syn.seed, val_fraction=syn.val_fraction,
+                            workers=syn.workers, progress=True)
+    return root
+
+
+def _check_synthetic_splits(cfg: DataConfig, training: bool) -> None:
+    """The splits `data.synthetic` generates must hold what the run reads (before generating)."""
+    from perception3d.synthetic.dataset import split_sizes
 
     syn = cfg.synthetic
-    tmp = root.with_name(root.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    print(f"[data] generating {syn.frames} synthetic KITTI-layout frames (seed {syn.seed}) into {root}")
-    write_kitti_dataset(tmp, num_frames=syn.frames, seed=syn.seed, val_fraction=syn.val_fraction,
-                        workers=syn.workers, progress=True)
-    tmp.rename(root)
-    return root
+    sizes = dict(zip(("train", "val"), split_sizes(syn.frames, syn.val_fraction)))
+    needed = [("train_split", cfg.train_split)] if training else []
+    needed.append(("val_split", cfg.val_split))
+    for field_name, split in needed:
+        if split not in sizes:
+            raise ConfigError(f"data.{field_name}={split!r}: the synthetic generator (data.synthetic) writes the "
+                              "splits 'train' and 'val' only")
+        if sizes[split] == 0:
+            settings = f"data.synthetic.val_fraction={syn.val_fraction} with data.synthetic.frames={syn.frames}"
+            if field_name == "train_split":
+                raise ConfigError(f"{settings} leaves no training frames (ImageSets/train.txt would be empty): "
+                                  "training needs a non-empty train split; val_fraction 1.0 is meant for a "
+                                  "held-out test set evaluated with tools/eval.py")
+            raise ConfigError(f"{settings} leaves the '{split}' split (data.{field_name}) empty: "
+                              f"round({syn.frames} x {syn.val_fraction}) = {sizes['val']} frames are held out and "
+                              f"{sizes['train']} trained on; it needs at least one frame")
 
 
 def _val_frame_gt(frame, classes, pc_range) -> FrameGT:
@@ -177,21 +231,22 @@ def _draw_frame(path: Path, points, frame, gt_boxes, det: Detections3D, pc_range
     save_figure(fig, path)
 
 
-def _pictures(model, cfg: DetectionConfig, val_set: DetectionDataset, dets, out_dir: Path) -> list[str]:
+def _pictures(model, cfg: DetectionConfig, val_set: DetectionDataset, dets, out_dir: Path,
+              real_ds: KittiDataset | None = None) -> list[str]:
     pic_dir = out_dir / "pictures"
     written = []
     for i in range(min(cfg.eval.num_pictures, len(val_set))):
-        frame = KittiDataset(val_set.kitti.root, ids=[val_set.kitti.ids[i]], load_image=True)[0]
+        fid = val_set.kitti.ids[i]
+        has_image = val_set.kitti.path("image_2", fid).is_file()  # LiDAR-only data: BEV only
+        frame = KittiDataset(val_set.kitti.root, ids=[fid], load_image=has_image)[0]
         gt_boxes, _, _ = frame_targets(frame, val_set.classes)
         path = pic_dir / f"val_{frame.frame_id}.png"
         _draw_frame(path, frame.points_lidar, frame, gt_boxes, dets[i], val_set.pc_range, f"synthetic {frame.frame_id}")
         written.append(str(path))
-    real = cfg.eval.real_kitti_root
-    if real and (Path(real) / "training" / "velodyne").is_dir():
-        real_ds = KittiDataset(real, split="training", load_image=True)
+    if real_ds is not None:
         device = next(model.parameters()).device
         model.eval()
-        for j in range(min(len(real_ds), 2)):
+        for j in range(len(real_ds)):
             frame = real_ds[j]
             gt_boxes, gt_labels, _ = frame_targets(frame, CLASSES)
             r = val_set.pc_range
@@ -208,6 +263,41 @@ def _pictures(model, cfg: DetectionConfig, val_set: DetectionDataset, dets, out_
             _draw_frame(path, frame.points_lidar, frame, gt_boxes, det, r, f"real KITTI {frame.frame_id}")
             written.append(str(path))
     return written
+
+
+_REAL_PICTURES = 2  # frames of eval.real_kitti_root drawn after evaluation
+
+
+def _check_before_work(cfg: DetectionConfig, val_set: DetectionDataset):
+    """Read or check, before any training or evaluation, what the end of the run reads: the
+    images drawn, `eval.real_kitti_root`'s frames and `eval.baseline`'s detections, so that a
+    bad file fails now and not after an hour of training. Returns `(baseline, real_ds)`."""
+    kitti = val_set.kitti
+    for i in range(min(cfg.eval.num_pictures, len(val_set))):
+        p = kitti.path("image_2", kitti.ids[i])
+        if p.is_file():
+            read_image(p)  # decoded in full: the picture needs every pixel
+    real_ds = None
+    real = cfg.eval.real_kitti_root
+    if real and (Path(real) / "training" / "velodyne").is_dir():
+        try:
+            listed = KittiDataset(real, split="training", load_image=False)
+            ids = listed.ids[:_REAL_PICTURES]
+            real_ds = KittiDataset(real, split="training", ids=ids, load_image=True) if ids else None
+            if real_ds is not None:
+                real_ds.source = listed.source
+                real_ds.check(images="required")
+                for fid in ids:
+                    read_image(real_ds.path("image_2", fid))
+        except DataError as e:
+            raise DataError(f"eval.real_kitti_root={real}: {e}") from None
+    baseline = None
+    if cfg.eval.baseline is not None:
+        try:
+            baseline = read_predictions(kitti, cfg.eval.baseline, val_set.classes)
+        except DataError as e:
+            raise DataError(f"eval.baseline={cfg.eval.baseline}: {e}") from None
+    return baseline, real_ds
 
 
 def _summary(metrics: dict) -> str:
@@ -227,17 +317,12 @@ def _summary(metrics: dict) -> str:
     return "\n".join(line(k) for k in keys if k in metrics)
 
 
-def _read_baseline(cfg: DetectionConfig, val_set: DetectionDataset) -> list[Detections3D] | None:
-    """`eval.baseline`'s detections, read once before any work, so that a wrong folder fails now,
-    not after training."""
-    return None if cfg.eval.baseline is None else read_predictions(val_set.kitti, cfg.eval.baseline, val_set.classes)
-
-
-def _finish(model, cfg: DetectionConfig, val_set, out_dir: Path, extra: dict, baseline, evaluated=None) -> dict:
+def _finish(model, cfg: DetectionConfig, val_set, out_dir: Path, extra: dict, baseline, real_ds,
+            evaluated=None) -> dict:
     metrics, dets = evaluated or evaluate_model(model, val_set, cfg.eval.distance_bins_m, baseline)
     write_predictions(val_set.kitti, dets, out_dir / "predictions", val_set.classes)
     num_missed = write_missed(val_set, dets, out_dir / "missed.csv")
-    pictures = _pictures(model, cfg, val_set, dets, out_dir)
+    pictures = _pictures(model, cfg, val_set, dets, out_dir, real_ds)
     # AP is undefined (NaN) for a class without ground truth at a difficulty; JSON gets null
     clean = {k: (None if v != v else v) for k, v in metrics.items()}
     result = {"metrics": clean, "pictures": pictures, "val_frames": len(val_set), **extra}
@@ -250,13 +335,15 @@ def _finish(model, cfg: DetectionConfig, val_set, out_dir: Path, extra: dict, ba
     return result
 
 
-def train(cfg: DetectionConfig, out_dir: str | Path, resume: bool = False) -> dict:
-    """Train the detector described by `cfg`, evaluate it on the held-out split, write metrics and pictures."""
+def train(cfg: DetectionConfig, out_dir: str | Path, resume: bool = False,
+          on_start: Callable[[], None] | None = None) -> dict:
+    """Train the detector described by `cfg`, evaluate it on the held-out split, write metrics and
+    pictures. `on_start` is called once training is set up (see `perception3d.engine.fit`)."""
     out_dir = Path(out_dir)
-    root = prepare_data(cfg.data)
+    root = prepare_data(cfg.data, training=True)
     train_set = DetectionDataset(root, cfg.data.train_split, cfg.model.pc_range_m, cfg.data.augment)
     val_set = DetectionDataset(root, cfg.data.val_split, cfg.model.pc_range_m, None)
-    baseline = _read_baseline(cfg, val_set)
+    baseline, real_ds = _check_before_work(cfg, val_set)
     seed_everything(cfg.train.seed)
     model = CenterPointDetector(cfg.model)
 
@@ -266,19 +353,20 @@ def train(cfg: DetectionConfig, out_dir: str | Path, resume: bool = False) -> di
         last["step"], last["result"] = step, evaluate_model(m, val_set, cfg.eval.distance_bins_m, baseline)
         return {k: v for k, v in last["result"][0].items() if k.endswith("/moderate") or k == "nuscenes/mAP"}
 
-    stats = fit(model, train_set, collate, cfg.train, out_dir, evaluate_fn=evaluate_fn, resume=resume)
+    stats = fit(model, train_set, collate, cfg.train, out_dir, evaluate_fn=evaluate_fn, resume=resume,
+                on_start=on_start)
     if not distributed.is_main_process():
         return {"train": stats}
     evaluated = last["result"] if last.get("step") == stats["step"] else None
-    return _finish(model, cfg, val_set, out_dir, {"train": stats}, baseline, evaluated)
+    return _finish(model, cfg, val_set, out_dir, {"train": stats}, baseline, real_ds, evaluated)
 
 
 def evaluate(cfg: DetectionConfig, ckpt: str | Path, out_dir: str | Path) -> dict:
     """Evaluate a checkpoint on the held-out split; metrics and pictures go to `out_dir`."""
     out_dir = Path(out_dir)
-    root = prepare_data(cfg.data)
+    root = prepare_data(cfg.data, training=False)
     val_set = DetectionDataset(root, cfg.data.val_split, cfg.model.pc_range_m, None)
-    baseline = _read_baseline(cfg, val_set)
+    baseline, real_ds = _check_before_work(cfg, val_set)
     model = CenterPointDetector(cfg.model)
     load_checkpoint(ckpt, model)
-    return _finish(model, cfg, val_set, out_dir, {"checkpoint": str(ckpt)}, baseline)
+    return _finish(model, cfg, val_set, out_dir, {"checkpoint": str(ckpt)}, baseline, real_ds)

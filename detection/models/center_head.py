@@ -141,6 +141,25 @@ class CenterHeadOptions:
                              f"(one per class), got {tuple(self.iou_alpha)}")
         if not 0.0 < self.gaussian_overlap < 1.0:
             raise ValueError(f"CenterHeadOptions.gaussian_overlap must lie in (0, 1), got {self.gaussian_overlap}")
+        for name in ("num_classes", "shared_channels", "head_channels", "top_k", "nms_pre_max", "max_detections"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"CenterHeadOptions.{name} must be >= 1, got {getattr(self, name)}")
+        if self.min_radius < 0:
+            raise ValueError(f"CenterHeadOptions.min_radius must be >= 0 cells, got {self.min_radius}")
+        for name in ("heatmap_weight", "reg_weight", "direction_weight", "init_bias"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"CenterHeadOptions.{name} must be a finite number, got {getattr(self, name)}")
+        for name in ("heatmap_weight", "reg_weight", "direction_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"CenterHeadOptions.{name} must be >= 0, got {getattr(self, name)}")
+        if not all(math.isfinite(w) and w >= 0 for w in self.code_weights):
+            raise ValueError(f"CenterHeadOptions.code_weights: expected finite weights >= 0, got "
+                             f"{tuple(self.code_weights)}")
+        if not 0.0 <= self.score_threshold < 1.0:
+            raise ValueError(f"CenterHeadOptions.score_threshold must lie in [0, 1) (a sigmoid score), got "
+                             f"{self.score_threshold}")
+        if not 0.0 < self.nms_iou <= 1.0:
+            raise ValueError(f"CenterHeadOptions.nms_iou must lie in (0, 1] (a BEV IoU), got {self.nms_iou}")
 
 
 @dataclass(frozen=True)

@@ -106,11 +106,57 @@ class ModelConfig:
                              f"got {self.head.num_classes}")
         if self.num_point_features < 3:
             raise ValueError(f"ModelConfig.num_point_features must be >= 3, got {self.num_point_features}")
+        for name in ("max_points_per_voxel", "max_voxels_train", "max_voxels_test", "backbone3d_out_channels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.pillar_vfe_height_bins < 0:
+            raise ValueError(f"ModelConfig.pillar_vfe_height_bins must be >= 0, got {self.pillar_vfe_height_bins}")
+        for name in ("pillar_vfe_filters", "backbone3d_channels", "bev_num_filters", "bev_num_upsample_filters"):
+            if any(c < 1 for c in getattr(self, name)):
+                raise ValueError(f"ModelConfig.{name}: expected channel counts >= 1, got {list(getattr(self, name))}")
+        if not 0.0 <= self.bn_momentum <= 1.0:
+            raise ValueError(f"ModelConfig.bn_momentum must lie in [0, 1], got {self.bn_momentum}")
+        self._check_bev()
+        self._check_range()
         Z, Y, X = self.grid_size
         s = self.bev_stride
         if X % s or Y % s:
             raise ValueError(f"ModelConfig: the voxel grid {X} x {Y} (x, y) is not divisible by the BEV stride {s}; "
                              "adjust pc_range_m or voxel_size_m")
+
+    def _check_bev(self) -> None:
+        names = ("bev_layer_nums", "bev_layer_strides", "bev_num_filters", "bev_upsample_strides",
+                 "bev_num_upsample_filters")
+        lengths = [len(getattr(self, n)) for n in names]
+        if len(set(lengths)) != 1 or lengths[0] == 0:
+            raise ValueError("ModelConfig: " + ", ".join(names) + " need one entry per BEV stage (at least one), "
+                             f"got lengths {lengths}")
+        if any(n < 0 for n in self.bev_layer_nums) or any(s < 1 for s in self.bev_layer_strides):
+            raise ValueError(f"ModelConfig: bev_layer_nums must be >= 0 and bev_layer_strides >= 1, got "
+                             f"{list(self.bev_layer_nums)} and {list(self.bev_layer_strides)}")
+        factors, cum = [], 1.0
+        for ls, us in zip(self.bev_layer_strides, self.bev_upsample_strides):
+            cum *= ls
+            whole = us >= 1 and abs(us - round(us)) < 1e-6
+            inverse = 0 < us < 1 and abs(1 / us - round(1 / us)) < 1e-6
+            if not (whole or inverse):
+                raise ValueError(f"ModelConfig.bev_upsample_strides: expected integers >= 1 (upsampling) or "
+                                 f"1/k (downsampling, e.g. 0.5), got {list(self.bev_upsample_strides)}")
+            factors.append(cum / round(us) if whole else cum * round(1 / us))
+        if len(set(factors)) != 1:
+            raise ValueError(f"ModelConfig.bev_upsample_strides: the BEV stages reach different strides {factors} "
+                             f"(layer strides {list(self.bev_layer_strides)}); choose upsample strides so that "
+                             "all stages meet at one resolution")
+
+    def _check_range(self) -> None:
+        grid_shape(self.voxel_size_m, self.pc_range_m)  # positive sizes, x1 > x0, ...
+        for i, axis in enumerate("xyz"):
+            extent = self.pc_range_m[i + 3] - self.pc_range_m[i]
+            n = extent / self.voxel_size_m[i]
+            if abs(n - round(n)) > 1e-3:
+                raise ValueError(f"ModelConfig: the {axis} extent of pc_range_m ({extent:g} m) is not a multiple of "
+                                 f"voxel_size_m[{i}] = {self.voxel_size_m[i]:g} m ({n:.3f} voxels); adjust "
+                                 "pc_range_m or voxel_size_m")
 
     @property
     def grid_size(self) -> tuple[int, int, int]:

@@ -130,6 +130,9 @@ class DSVTOptions:
     bev_skip: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("d_model", "num_heads", "ffn_dim"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"DSVTOptions.{name}: expected a positive int, got {getattr(self, name)!r}")
         if self.d_model % self.num_heads:
             raise ConfigError(f"DSVTOptions: d_model {self.d_model} is not divisible by num_heads {self.num_heads}")
         for name in ("window_shape", "shifted_window_shape", "pool_size"):

@@ -17,9 +17,10 @@ convention is that of `geometry.boxes` (numpy here, so the reader needs no torch
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 
@@ -34,7 +35,11 @@ __all__ = [
     "KittiLabels",
     "KittiFrame",
     "KittiDataset",
+    "KITTI_CLASSES",
     "read_label",
+    "read_calib",
+    "read_image",
+    "read_image_shape",
     "write_label",
     "camera_boxes_to_lidar",
     "lidar_boxes_to_camera",
@@ -42,6 +47,8 @@ __all__ = [
 
 LABEL_FORMAT = "type truncated occluded alpha x1 y1 x2 y2 h w l x y z rotation_y"
 _EXPECTED = f"15 fields: {LABEL_FORMAT} (16 with a trailing score)"
+KITTI_CLASSES = ("Car", "Van", "Truck", "Pedestrian", "Person_sitting", "Cyclist", "Tram", "Misc", "DontCare")
+"""The object types of the KITTI object benchmark, spelled as in its label files."""
 
 
 @dataclass(frozen=True)
@@ -91,23 +98,45 @@ class KittiLabels:
                            None if self.score is None else self.score[mask])
 
 
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not a text file (byte {e.start} is not UTF-8 text); expected a KITTI {what} "
+                        "file") from None
+
+
+def _check_type(path: Path, lineno: int, name: str) -> None:
+    if name in KITTI_CLASSES:
+        return
+    same_case = [c for c in KITTI_CLASSES if c.lower() == name.lower()]
+    close = same_case or difflib.get_close_matches(name, KITTI_CLASSES, n=1, cutoff=0.75)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise DataError(f"{path}:{lineno}: unknown object type {name!r}{hint}; expected one of the KITTI classes "
+                    f"{', '.join(KITTI_CLASSES)} (case-sensitive)")
+
+
 def read_label(path: str | Path) -> KittiLabels:
-    """Parse a KITTI `label_2/XXXXXX.txt` file.
+    """Parse a KITTI `label_2/XXXXXX.txt` file (or a result file: the same with a trailing score).
 
     Raises:
-        DataError: missing file, or a line without 15 (16 with score) fields / non-numeric value,
-            naming `file:line` and the expected format.
+        DataError: naming `file:line` and what was expected, for a missing or non-text file, a line
+            without 15 (16 with score) fields, a non-numeric / NaN value, an object type that is not
+            one of `KITTI_CLASSES` (a case mismatch such as `car` gets "did you mean 'Car'"), and in
+            ground truth (15 fields) a non-DontCare object with a size <= 0, `truncated` outside
+            [0, 1] or `occluded` not one of 0, 1, 2, 3.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: label file not found")
     names, rows, scores = [], [], []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in enumerate(_read_text(path, "label").splitlines(), 1):
         tok = line.split()
         if not tok:
             continue
         if len(tok) not in (15, 16):
             raise DataError(f"{path}:{lineno}: expected {_EXPECTED}; got {len(tok)} fields: {line.strip()!r}")
+        _check_type(path, lineno, tok[0])
         try:
             vals = [float(t) for t in tok[1:]]
         except ValueError:
@@ -115,6 +144,8 @@ def read_label(path: str | Path) -> KittiLabels:
                 from None
         if not np.isfinite(vals).all():
             raise DataError(f"{path}:{lineno}: NaN or inf value; expected {_EXPECTED}")
+        if len(tok) == 15 and tok[0] != "DontCare":
+            _check_ground_truth(path, lineno, vals)
         names.append(tok[0])
         rows.append(vals[:14])
         scores.append(vals[14] if len(tok) == 16 else None)
@@ -122,7 +153,9 @@ def read_label(path: str | Path) -> KittiLabels:
         return KittiLabels.empty()
     has_score = [s is not None for s in scores]
     if any(has_score) and not all(has_score):
-        raise DataError(f"{path}: some lines have a score (16 fields) and some do not; expected all or none")
+        first = has_score.index(not has_score[0]) + 1
+        raise DataError(f"{path}: some lines have a score (16 fields) and some do not (object {first} differs "
+                        "from the first); expected all or none")
     a = np.asarray(rows, dtype=np.float64)
     return KittiLabels(
         names=np.asarray(names),
@@ -135,6 +168,18 @@ def read_label(path: str | Path) -> KittiLabels:
         rotation_y=a[:, 13].astype(np.float32),
         score=np.asarray(scores, np.float32) if all(has_score) else None,
     )
+
+
+def _check_ground_truth(path: Path, lineno: int, vals: list[float]) -> None:
+    """The value ranges of a ground-truth object (not DontCare), which evaluation relies on."""
+    truncated, occluded, dims = vals[0], vals[1], vals[7:10]
+    if min(dims) <= 0:
+        raise DataError(f"{path}:{lineno}: object size h w l = {' '.join(f'{d:g}' for d in dims)}; expected "
+                        "sizes > 0 in metres (only DontCare lines carry -1)")
+    if not 0.0 <= truncated <= 1.0:
+        raise DataError(f"{path}:{lineno}: truncated = {truncated:g}; expected a fraction in [0, 1]")
+    if occluded not in (0.0, 1.0, 2.0, 3.0):
+        raise DataError(f"{path}:{lineno}: occluded = {occluded:g}; expected 0 (visible), 1, 2 or 3 (unknown)")
 
 
 def write_label(path: str | Path, labels: KittiLabels, decimals: int = 2) -> None:
@@ -202,6 +247,45 @@ def _wrap(angle: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------
+# calibration
+# ------------------------------------------------------------------------------------------------
+def read_calib(path: str | Path) -> KittiCalibration:
+    """Read a KITTI `calib/XXXXXX.txt` and check that its matrices can be used.
+
+    Raises:
+        DataError: naming the file (and the matrix): missing or non-text file, a malformed row
+            (non-numeric, wrong number of values, NaN), a missing key, a singular `R0_rect`,
+            `Tr_velo_to_cam` (its rotation part) or `P2` (its left 3x3), or an `R0_rect` /
+            `Tr_velo_to_cam` rotation part that is not a rotation.
+    """
+    path = Path(path)
+    if path.is_file():
+        _read_text(path, "calibration")  # a binary file: one clear error, not a UnicodeDecodeError
+    try:
+        calib = KittiCalibration.from_file(path)
+    except DataError as e:
+        msg = str(e)
+        raise DataError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+    parts = (("R0_rect", calib.R0_rect, "a rotation"), ("Tr_velo_to_cam", calib.Tr_velo_to_cam[:, :3],
+             "a rigid transform [R | t], R a rotation"), ("P2", calib.P2[:, :3], "a camera projection K [I | t]"))
+    for name, m, expected in parts:
+        sv = np.linalg.svd(m, compute_uv=False)
+        if not sv[-1] > 1e-9 * max(sv[0], 1e-300):
+            raise DataError(f"{path}: {name} is singular (rank {int(np.sum(sv > 1e-9 * max(sv[0], 1e-300)))} "
+                            f"of 3, values {' '.join(f'{v:g}' for v in np.asarray(m).reshape(-1))}); expected "
+                            f"{expected}")
+        if name != "P2":
+            err = float(np.abs(m.T @ m - np.eye(3)).max())
+            det = float(np.linalg.det(m))
+            if err > 1e-2 or det < 0:
+                found = (f"a reflection (determinant {det:.3g})" if err <= 1e-2 else
+                         f"R^T R differs from the identity by up to {err:.3g}")
+                raise DataError(f"{path}: the rotation part of {name} is not a rotation: {found}; expected "
+                                f"{expected}")
+    return calib
+
+
+# ------------------------------------------------------------------------------------------------
 # frames and the dataset
 # ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -234,6 +318,52 @@ class KittiFrame:
         return self.boxes_lidar[keep].astype(np.float32), ids
 
 
+def _image_errors():
+    from PIL import Image
+
+    return (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+def read_image_shape(path: Path) -> tuple[int, int]:
+    """`(H, W)` of an image from its header (cheap: the pixels are not decoded).
+
+    Raises:
+        DataError: the file is missing or not a readable image, naming it.
+    """
+    from PIL import Image
+
+    if not path.is_file():
+        raise DataError(f"{path}: image not found")
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except _image_errors() as exc:
+        raise DataError(f"{path}: not a readable image ({type(exc).__name__}: {exc}); expected a PNG") from None
+    if w < 1 or h < 1:
+        raise DataError(f"{path}: image of size {w} x {h}; expected a non-empty image")
+    return h, w
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Decode an image to `uint8 [H, W, 3]` RGB.
+
+    Raises:
+        DataError: the file is missing, not an image, or corrupt (e.g. truncated), naming it.
+    """
+    from PIL import Image
+
+    if not path.is_file():
+        raise DataError(f"{path}: image not found")
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except _image_errors() as exc:
+        raise DataError(f"{path}: cannot read image ({type(exc).__name__}: {exc}); expected a PNG") from None
+
+
+_LIST_AT_MOST = 5  # missing files named per kind in one error
+
+
 class KittiDataset:
     """KITTI object dataset on disk, indexable by position.
 
@@ -243,28 +373,38 @@ class KittiDataset:
         ids: frame ids (str or int); default: `image_set`'s list, else every `velodyne/*.bin`.
         image_set: name of `ImageSets/{image_set}.txt` to read the ids from.
         load_image: read `image_2` PNGs (the image shape is read either way).
+        check: check every listed frame's files now (`check()`), so that bad data fails here and
+            not in the middle of a run.
+
+    Raises:
+        DataError: a missing split folder or image set file; with `check`, see `check()`.
     """
 
     def __init__(self, root: str | Path, split: str = "training", ids: Sequence[str | int] | None = None,
-                 image_set: str | None = None, load_image: bool = True):
+                 image_set: str | None = None, load_image: bool = True, check: bool = False):
         self.root = Path(root)
         self.split = split
         self.dir = self.root / split
         self.load_image = load_image
         if not self.dir.is_dir():
             raise DataError(f"{self.dir}: KITTI split directory not found (expected root/{split}/velodyne, ...)")
+        self.source = "the given ids"
         if ids is None and image_set is not None:
             f = self.root / "ImageSets" / f"{image_set}.txt"
             if not f.is_file():
                 raise DataError(f"{f}: image set file not found")
-            ids = [t for t in f.read_text().split()]
+            ids = _read_text(f, "image set").split()
+            self.source = str(f)
         if ids is None:
             vdir = self.dir / "velodyne"
             if not vdir.is_dir():
                 raise DataError(f"{vdir}: velodyne directory not found")
             ids = sorted(p.stem for p in vdir.glob("*.bin"))
+            self.source = f"{vdir}/*.bin"
         self.ids = [f"{int(i):06d}" if isinstance(i, (int, np.integer)) or str(i).isdigit() else str(i)
                     for i in ids]
+        if check:
+            self.check()
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -274,8 +414,57 @@ class KittiDataset:
         ext = {"velodyne": ".bin", "image_2": ".png", "calib": ".txt", "label_2": ".txt", "radar": ".bin"}[kind]
         return self.dir / kind / f"{frame_id}{ext}"
 
+    def check(self, images: Literal["auto", "required", "present", "skip"] = "auto") -> None:
+        """Check every listed frame's files, cheaply, before any work: what `__getitem__` would
+        otherwise find only when it reaches the frame.
+
+        Checks that the velodyne, calib and (for `training`) label_2 files exist, that each `.bin`
+        (and radar `.bin`) has a whole number of points, parses every calibration and label file,
+        and reads the header of the images (`images`: "required": every frame must have one, as
+        `load_image=True` reads them; "present": a LiDAR-only dataset may have none, but where
+        some frames have one every frame needs one, and their shape is read; "auto": "required"
+        with `load_image`, else "present"). NaN points are found when a frame is read (that needs
+        the whole file).
+
+        Raises:
+            DataError: one message listing every missing file (by kind), or the first malformed
+                file (named, with the line where there is one).
+        """
+        if images == "auto":
+            images = "required" if self.load_image else "present"
+        kinds = ["velodyne", "calib"] + (["label_2"] if self.split != "testing" else [])
+        if images == "required" or (images == "present" and any(self.path("image_2", f).is_file() for f in self.ids)):
+            kinds.append("image_2")  # present for some frames: then for all of them
+        missing = {k: [fid for fid in self.ids if not self.path(k, fid).is_file()] for k in kinds}
+        missing = {k: v for k, v in missing.items() if v}
+        if missing:
+            parts = []
+            for kind, fids in missing.items():
+                names = [self.path(kind, f).name for f in fids[:_LIST_AT_MOST]]
+                more = f" and {len(fids) - _LIST_AT_MOST} more" if len(fids) > _LIST_AT_MOST else ""
+                parts.append(f"{kind}/ lacks {', '.join(names)}{more}")
+            total = sum(len(v) for v in missing.values())
+            raise DataError(f"{self.dir}: {total} file(s) missing for the frames listed in {self.source}: "
+                            + "; ".join(parts))
+        for fid in self.ids:
+            for kind, n in (("velodyne", 4), ("radar", 6)):
+                p = self.path(kind, fid)
+                if kind == "radar" and not p.is_file():
+                    continue
+                size = p.stat().st_size
+                if size % (4 * n) or (size == 0 and kind == "velodyne"):
+                    raise DataError(f"{p}: size {size} bytes; expected a non-empty whole number of points of "
+                                    f"{n} float32 ({4 * n} bytes each): the file is truncated or not a KITTI .bin")
+        for i, fid in enumerate(self.ids):
+            self.calib(i)
+            if self.split != "testing" or self.path("label_2", fid).is_file():
+                self.labels(i)
+            ip = self.path("image_2", fid)
+            if images != "skip" and ip.is_file():
+                read_image_shape(ip)
+
     def calib(self, index: int) -> KittiCalibration:
-        return KittiCalibration.from_file(self.path("calib", self.ids[index]))
+        return read_calib(self.path("calib", self.ids[index]))
 
     def labels(self, index: int) -> KittiLabels:
         p = self.path("label_2", self.ids[index])
@@ -294,19 +483,10 @@ class KittiDataset:
         if self.load_image:
             if not ip.is_file():
                 raise DataError(f"{ip}: image not found (pass load_image=False to skip images)")
-            from PIL import Image
-
-            try:
-                with Image.open(ip) as im:
-                    image = np.asarray(im.convert("RGB"))
-            except OSError as exc:
-                raise DataError(f"{ip}: cannot read image: {exc}") from None
+            image = read_image(ip)
             shape = image.shape[:2]
         elif ip.is_file():
-            from PIL import Image
-
-            with Image.open(ip) as im:
-                shape = (im.height, im.width)
+            shape = read_image_shape(ip)
         labels = self.labels(index)
         boxes = camera_boxes_to_lidar(labels.boxes_cam, calib).astype(np.float32)
         boxes[labels.names == "DontCare"] = np.nan

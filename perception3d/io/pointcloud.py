@@ -235,6 +235,12 @@ def _pcd_layout(path: Path, header: dict) -> tuple[list[str], list[np.dtype], li
         counts = [int(c) for c in counts]
     except ValueError:
         raise DataError(f"{path}: PCD SIZE/COUNT must be integers, got {header['SIZE']} / {counts}") from None
+    if min(counts, default=1) < 1:
+        raise DataError(f"{path}: PCD COUNT must be >= 1 for every field, got {counts} for FIELDS {names}")
+    dup = sorted({nm for nm in names if nm != "_" and names.count(nm) > 1})
+    if dup:
+        raise DataError(f"{path}: PCD FIELDS {names} name {dup} more than once; expected distinct names "
+                        "('_' for padding)")
     dtypes = []
     for name, t, s in zip(names, header["TYPE"], sizes):
         key = (t.upper(), s)
@@ -243,12 +249,15 @@ def _pcd_layout(path: Path, header: dict) -> tuple[list[str], list[np.dtype], li
                             f"I or U (SIZE 1/2/4/8)")
         dtypes.append(np.dtype("<" + _PCD_TYPES[key]))
     try:
-        if "POINTS" in header:
-            n = int(header["POINTS"][0])
-        else:
-            n = int(header["WIDTH"][0]) * int(header.get("HEIGHT", ["1"])[0])
-    except (ValueError, IndexError, KeyError):
-        raise DataError(f"{path}: PCD POINTS (or WIDTH/HEIGHT) must be an integer") from None
+        n = int(header["POINTS"][0]) if "POINTS" in header else None
+        wh = (int(header["WIDTH"][0]) * int(header.get("HEIGHT", ["1"])[0])) if "WIDTH" in header else None
+    except (ValueError, IndexError):
+        raise DataError(f"{path}: PCD POINTS, WIDTH and HEIGHT must be integers") from None
+    if n is None and wh is None:
+        raise DataError(f"{path}: PCD header has neither POINTS nor WIDTH / HEIGHT (the number of points)")
+    if n is not None and wh is not None and n != wh and n >= 0 and wh >= 0:
+        raise DataError(f"{path}: PCD POINTS {n} differs from WIDTH x HEIGHT = {wh}; expected them equal")
+    n = n if n is not None else wh
     if n < 0:
         raise DataError(f"{path}: PCD POINTS must be >= 0, got {n}")
     return names, dtypes, counts, n
@@ -283,8 +292,9 @@ def read_pcd(path: str | Path, allow_nan: bool = False) -> dict[str, np.ndarray]
             vals = np.array(raw[pos:].split(), dtype=np.float64)
         except ValueError:
             raise DataError(f"{path}: non-numeric value in the ascii PCD data") from None
-        if vals.size < n * total:
-            raise DataError(f"{path}: ascii PCD data has {vals.size} values, expected POINTS {n} x {total}")
+        if vals.size != n * total:
+            raise DataError(f"{path}: ascii PCD data has {vals.size} values, expected POINTS {n} x {total} = "
+                            f"{n * total}")
         vals = vals[: n * total].reshape(n, total)
         col = 0
         for name, dt, c in zip(names, dtypes, counts):
@@ -300,8 +310,9 @@ def read_pcd(path: str | Path, allow_nan: bool = False) -> dict[str, np.ndarray]
         except ValueError as exc:
             raise DataError(f"{path}: PCD FIELDS {names} are not valid (duplicate names?): {exc}") from None
         need = n * rec.itemsize
-        if len(raw) - pos < need:
-            raise DataError(f"{path}: binary PCD data is truncated: {len(raw) - pos} bytes, expected "
+        if len(raw) - pos != need:
+            what = "truncated" if len(raw) - pos < need else "longer than its header says"
+            raise DataError(f"{path}: binary PCD data is {what}: {len(raw) - pos} bytes, expected "
                             f"POINTS {n} x {rec.itemsize} = {need}")
         arr = np.frombuffer(raw, dtype=rec, count=n, offset=pos)
         for nm, _, _ in fields:
@@ -457,6 +468,8 @@ def read_ply(path: str | Path, allow_nan: bool = False) -> dict[str, np.ndarray]
                 elements.append([tok[1], int(tok[2]), []])
             except (IndexError, ValueError):
                 raise DataError(f"{path}:{lineno}: expected 'element NAME COUNT', got {line!r}") from None
+            if elements[-1][1] < 0:
+                raise DataError(f"{path}:{lineno}: element {tok[1]!r} has COUNT {elements[-1][1]}; expected >= 0")
         elif tok[0] == "property":
             if not elements:
                 raise DataError(f"{path}:{lineno}: 'property' before any 'element'")

@@ -12,15 +12,27 @@ Written layout (read back by `perception3d.io.kitti.KittiDataset`)::
 Frame i of a dataset with seed s is generated from `numpy.random.default_rng((s, i))` (and
 `(s, i, k)` for the sensors), so frames are independent of the number of workers and the same seed
 writes the same bytes.
+
+`write_kitti_dataset` generates into a temporary folder beside `root` (named with the process id)
+and renames it into place when complete, with `root/synthetic.json` recording the settings the
+bytes depend on (`dataset_settings`): a folder at `root` is either complete or absent, and a
+later call (or `detection.task.prepare_data`) can tell whether it holds what it asks for.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from perception3d.errors import ConfigError, DataError
+from perception3d.io.atomic import atomic_write_text, fsync_dir
 from perception3d.io.kitti import KittiLabels, lidar_boxes_to_camera, write_label
 from perception3d.io.pointcloud import write_kitti_bin
 from perception3d.synthetic.camera import CameraRender, render_camera
@@ -28,7 +40,14 @@ from perception3d.synthetic.lidar import LidarScan, simulate_lidar
 from perception3d.synthetic.radar import simulate_radar
 from perception3d.synthetic.scene import Scene, SceneConfig, generate_scene
 
-__all__ = ["SyntheticFrame", "generate_frame", "write_frame", "write_kitti_dataset", "occlusion_level"]
+__all__ = ["SyntheticFrame", "generate_frame", "write_frame", "write_kitti_dataset", "occlusion_level",
+           "GENERATOR_VERSION", "RECORD_NAME", "dataset_settings", "read_settings_record", "settings_differences",
+           "split_sizes"]
+
+GENERATOR_VERSION = 1
+"""Bumped when the generator's output bytes change for the same settings."""
+RECORD_NAME = "synthetic.json"
+"""The settings record written at the root of every generated dataset."""
 
 
 @dataclass(frozen=True)
@@ -174,44 +193,170 @@ def _job(args) -> str:
     return fid
 
 
+def split_sizes(num_frames: int, val_fraction: float) -> tuple[int, int]:
+    """`(train, val)` frame counts of the default split: the last `round(num_frames * val_fraction)`
+    frames are "val", the rest "train"."""
+    n_val = int(round(num_frames * val_fraction))
+    return num_frames - n_val, n_val
+
+
+def dataset_settings(num_frames: int, seed: int, cfg: SceneConfig = SceneConfig(), split: str = "training",
+                     image_sets: Mapping[str, Sequence[int]] | None = None, val_fraction: float = 0.2) -> dict:
+    """The settings a generated dataset's bytes depend on, as recorded in `root/synthetic.json`
+    (not `workers` or `progress`, which do not change them)."""
+    settings: dict[str, Any] = {
+        "generator": "perception3d.synthetic", "version": GENERATOR_VERSION, "frames": int(num_frames),
+        "seed": int(seed), "val_fraction": None if image_sets is not None else float(val_fraction),
+        "image_sets": None if image_sets is None else {str(k): [int(i) for i in v] for k, v in image_sets.items()},
+        "split": str(split),
+        "scene_config": "default" if cfg == SceneConfig() else dataclasses.asdict(cfg),
+    }
+    return json.loads(json.dumps(settings))  # tuples -> lists: compares equal to a record read back
+
+
+def read_settings_record(root: str | Path) -> dict | None:
+    """`root/synthetic.json` (see `dataset_settings`), or None where there is none (e.g. a real dataset).
+
+    Raises:
+        DataError: the record exists but is not a JSON object, naming it.
+    """
+    path = Path(root) / RECORD_NAME
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e}); expected the generator's settings record") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path}: expected a JSON object of generator settings, got {type(record).__name__}")
+    return record
+
+
+def settings_differences(record: Mapping, wanted: Mapping, keys: Sequence[str] | None = None
+                         ) -> list[tuple[str, Any, Any]]:
+    """`(key, recorded, wanted)` for each of `keys` (default: every key of `wanted` but `version`)
+    whose value differs."""
+    keys = [k for k in wanted if k != "version"] if keys is None else keys
+    return [(k, record.get(k), wanted.get(k)) for k in keys if record.get(k) != wanted.get(k)]
+
+
+def _check_args(root: Path, num_frames, seed, split, image_sets, val_fraction, workers) -> None:
+    def bad(name: str, expected: str, got) -> ConfigError:
+        return ConfigError(f"write_kitti_dataset({root}): {name} must be {expected}, got {got!r}")
+
+    if isinstance(num_frames, bool) or not isinstance(num_frames, (int, np.integer)) or num_frames < 1:
+        raise bad("num_frames", "an integer >= 1", num_frames)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise bad("seed", "an integer >= 0", seed)
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) \
+            or not (math.isfinite(val_fraction) and 0.0 <= val_fraction <= 1.0):
+        raise bad("val_fraction", "a fraction in [0, 1]", val_fraction)
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
+        raise bad("workers", "an integer >= 1", workers)
+    if not isinstance(split, str) or not split or "/" in split or split in (".", ".."):
+        raise bad("split", "a folder name such as 'training'", split)
+    for name, idx in (image_sets or {}).items():
+        if not isinstance(name, str) or not name or "/" in name:
+            raise bad("image_sets", "a mapping of set names (no '/') to frame indices", name)
+        outside = [i for i in idx if isinstance(i, bool) or not isinstance(i, (int, np.integer))
+                   or not 0 <= i < num_frames]
+        if outside:
+            raise bad(f"image_sets[{name!r}]", f"frame indices in 0..{num_frames - 1}", outside[:5])
+
+
+def _describe(differences: list[tuple[str, Any, Any]]) -> str:
+    return "; ".join(f"{k}: recorded {a!r}, asked for {b!r}" for k, a, b in differences)
+
+
 def write_kitti_dataset(root: str | Path, num_frames: int, seed: int, cfg: SceneConfig = SceneConfig(),
                         split: str = "training", image_sets: Mapping[str, Sequence[int]] | None = None,
                         val_fraction: float = 0.2, workers: int = 1, progress: bool = False) -> list[str]:
     """Generate `num_frames` frames into the KITTI layout under `root`.
 
+    The frames are written to a temporary folder beside `root` (`.NAME.partial-PID`) that is
+    renamed to `root` once complete, with `root/synthetic.json` recording the settings
+    (`dataset_settings`). Where `root` already holds a dataset with the same settings (another
+    call, or another process that finished first) it is kept as it is.
+
     Args:
-        root: output root (gets `{split}/...` and `ImageSets/`).
-        num_frames: frames 000000 .. num_frames-1.
-        seed: dataset seed (frame i uses `(seed, i)`).
+        root: output root (gets `{split}/...`, `ImageSets/` and `synthetic.json`); must not exist,
+            be an empty folder, or hold a dataset written with the same settings.
+        num_frames: frames 000000 .. num_frames-1 (>= 1).
+        seed: dataset seed (frame i uses `(seed, i)`; >= 0).
         cfg: generator options.
         split: "training" or "testing" directory name.
         image_sets: name -> frame indices; default: the last `val_fraction` of the frames is "val",
             the rest "train".
+        val_fraction: in [0, 1].
         workers: processes (frames are independent; output does not depend on this).
         progress: show a tqdm progress bar.
 
     Returns:
-        The written frame ids.
+        The frame ids.
+
+    Raises:
+        ConfigError: an argument out of range, or `root` holding something else (a file, a
+            folder without a settings record, a dataset with other settings), before anything
+            is written.
     """
     root = Path(root)
-    split_dir = root / split
-    split_dir.mkdir(parents=True, exist_ok=True)
-    jobs = [(split_dir, int(seed), i, cfg) for i in range(num_frames)]
-    if workers > 1 and num_frames > 1:
-        import multiprocessing as mp
+    _check_args(root, num_frames, seed, split, image_sets, val_fraction, workers)
+    ids = [f"{i:06d}" for i in range(num_frames)]
+    wanted = dataset_settings(num_frames, seed, cfg, split, image_sets, val_fraction)
+    if _existing_dataset_matches(root, wanted):
+        return ids
+    tmp = root.parent / f".{root.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed earlier process of the same id
+    try:
+        split_dir = tmp / split
+        split_dir.mkdir(parents=True)
+        jobs = [(split_dir, int(seed), i, cfg) for i in range(num_frames)]
+        if workers > 1 and num_frames > 1:
+            import multiprocessing as mp
 
-        with mp.get_context("spawn").Pool(workers) as pool:
-            it = pool.imap(_job, jobs)
-            ids = list(_progress(it, num_frames, progress))
-    else:
-        ids = list(_progress(map(_job, jobs), num_frames, progress))
-    if image_sets is None:
-        n_val = int(round(num_frames * val_fraction))
-        image_sets = {"train": range(num_frames - n_val), "val": range(num_frames - n_val, num_frames)}
-    (root / "ImageSets").mkdir(exist_ok=True)
-    for name, idx in image_sets.items():
-        (root / "ImageSets" / f"{name}.txt").write_text("".join(f"{int(i):06d}\n" for i in idx))
+            with mp.get_context("spawn").Pool(workers) as pool:
+                list(_progress(pool.imap(_job, jobs), num_frames, progress))
+        else:
+            list(_progress(map(_job, jobs), num_frames, progress))
+        if image_sets is None:
+            n_train, _ = split_sizes(num_frames, val_fraction)
+            image_sets = {"train": range(n_train), "val": range(n_train, num_frames)}
+        (tmp / "ImageSets").mkdir()
+        for name, idx in image_sets.items():
+            atomic_write_text(tmp / "ImageSets" / f"{name}.txt", "".join(f"{int(i):06d}\n" for i in idx))
+        atomic_write_text(tmp / RECORD_NAME, json.dumps(wanted, indent=2) + "\n")
+        try:
+            os.rename(tmp, root)  # replaces an empty folder; fails where another process was first
+        except OSError:
+            if not root.is_dir():
+                raise
+            _existing_dataset_matches(root, wanted, meanwhile=True)  # raises unless the same settings
+        else:
+            fsync_dir(root.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return ids
+
+
+def _existing_dataset_matches(root: Path, wanted: dict, meanwhile: bool = False) -> bool:
+    """True where `root` holds a complete dataset with the `wanted` settings; False where `root`
+    is absent or an empty folder. Raises ConfigError for anything else."""
+    when = " meanwhile (another process)" if meanwhile else ""
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"{root}: is a file; expected a folder to write the synthetic dataset to")
+    if not root.is_dir():
+        return False
+    record = read_settings_record(root)
+    if record is None:
+        if not any(root.iterdir()):
+            return False
+        raise ConfigError(f"{root}: the folder was written{when} without a settings record ({RECORD_NAME}), "
+                          "so it is not a dataset of write_kitti_dataset; remove it or choose another root")
+    diff = settings_differences(record, wanted)
+    if diff:
+        raise ConfigError(f"{root}: holds a synthetic dataset written{when} with other settings "
+                          f"({root / RECORD_NAME}): {_describe(diff)}; remove it or choose another root")
+    return True
 
 
 def _progress(it, total: int, show: bool):

@@ -189,3 +189,24 @@ def test_image_set_ids(tmp_path):
     shutil.rmtree(root / "training")
     with pytest.raises(DataError, match="training"):
         KittiDataset(root)
+
+
+def test_real_frame_passes_the_checks(real):
+    """The reader's up-front checks (calibration matrices, label values, image header) accept real KITTI."""
+    ds = KittiDataset(KITTI_ROOT, "training", check=True)
+    ds.check(images="required")
+    calib = ds.calib(0)
+    assert np.abs(calib.R0_rect.T @ calib.R0_rect - np.eye(3)).max() < 1e-4
+
+
+def test_check_lists_missing_files_at_construction(tmp_path):
+    root = _tiny_dataset(tmp_path)
+    (root / "ImageSets").mkdir()
+    (root / "ImageSets" / "train.txt").write_text("000000\n000001\n000002\n")
+    with pytest.raises(DataError) as exc:
+        KittiDataset(root, image_set="train", load_image=False, check=True)
+    msg = str(exc.value)
+    assert "6 file(s) missing for the frames listed in" in msg and "train.txt" in msg
+    assert "velodyne/ lacks 000001.bin, 000002.bin; calib/ lacks 000001.txt, 000002.txt" in msg
+    ds = KittiDataset(root, image_set="train", load_image=False)  # lazily, as before: the first frame reads
+    assert ds[0].points_lidar.shape == (100, 4)

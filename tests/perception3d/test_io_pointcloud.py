@@ -237,3 +237,29 @@ def test_ply_errors(tmp_path):
     write_ply(p, bad, binary=False, names=["x", "y", "z"])
     _raises_naming(p, read_ply, "'x'")
     _raises_naming(tmp_path / "x.xyz", read_points, "extension")
+
+
+def test_headers_that_would_drop_or_invent_points(tmp_path):
+    """Header values that used to read silently wrong: every point of the file, or an error."""
+    xyz, _ = _cloud(n=4)
+    good = tmp_path / "good.pcd"
+    write_pcd(good, xyz, data="binary", names=["x", "y", "z"])
+    raw = good.read_bytes()
+    p = tmp_path / "longer.pcd"
+    p.write_bytes(raw.replace(b"POINTS 4", b"POINTS 3").replace(b"WIDTH 4", b"WIDTH 3"))
+    _raises_naming(p, read_pcd, "longer than its header says", "POINTS 3")
+    p.write_bytes(raw.replace(b"POINTS 4", b"POINTS 3"))
+    _raises_naming(p, read_pcd, "POINTS 3 differs from WIDTH x HEIGHT = 4")
+    p.write_bytes(raw.replace(b"COUNT 1 1 1", b"COUNT 1 1 0"))
+    _raises_naming(p, read_pcd, "COUNT must be >= 1")
+    p = tmp_path / "dup.pcd"
+    p.write_bytes(b"VERSION 0.7\nFIELDS x x z\nSIZE 4 4 4\nTYPE F F F\nCOUNT 1 1 1\nWIDTH 1\nHEIGHT 1\nPOINTS 1\n"
+                  b"DATA ascii\n1 2 3\n")
+    _raises_naming(p, read_pcd, "['x'] more than once")
+    p.write_bytes(b"VERSION 0.7\nFIELDS x y z\nSIZE 4 4 4\nTYPE F F F\nCOUNT 1 1 1\nWIDTH 1\nHEIGHT 1\nPOINTS 1\n"
+                  b"DATA ascii\n1 2 3\n4 5 6\n")
+    _raises_naming(p, read_pcd, "6 values, expected POINTS 1 x 3 = 3")
+    p = tmp_path / "neg.ply"
+    p.write_bytes(b"ply\nformat binary_little_endian 1.0\nelement vertex -5\nproperty float x\nproperty float y\n"
+                  b"property float z\nend_header\n" + np.zeros(30, np.float32).tobytes())
+    _raises_naming(p, read_ply, "neg.ply:3", "COUNT -5")
