@@ -5,13 +5,44 @@ Every field is documented here; defaults follow the 3DGS paper and gsplat's ``si
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from perception3d.errors import ConfigError
 from splatting.compact.model import CompactOptions
 
 __all__ = ["SyntheticViewsConfig", "SplatDataConfig", "SplatModelConfig", "SplatOptimConfig", "StrategyConfig",
            "SplatTrainConfig", "SplatEvalConfig", "SplatConfig"]
+
+
+def _require(ok: bool, key: str, value, expected: str) -> None:
+    """ConfigError ``key=value: expected ...`` unless ``ok`` (checked in ``__post_init__``, before any work)."""
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: expected {expected}")
+
+
+def _int_at_least(obj, prefix: str, names: str, low: int) -> None:
+    for name in names.split():
+        v = getattr(obj, name)
+        _require(isinstance(v, int) and not isinstance(v, bool) and v >= low, f"{prefix}.{name}", v,
+                 f"a whole number >= {low}")
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _nonneg(obj, prefix: str, names: str) -> None:
+    for name in names.split():
+        v = getattr(obj, name)
+        _require(_finite(v) and v >= 0, f"{prefix}.{name}", v, "a finite number >= 0")
+
+
+def _positive(obj, prefix: str, names: str) -> None:
+    for name in names.split():
+        v = getattr(obj, name)
+        _require(_finite(v) and v > 0, f"{prefix}.{name}", v, "a finite number > 0")
 
 
 @dataclass(frozen=True)
@@ -30,6 +61,10 @@ class SyntheticViewsConfig:
     width: int = 200
     height: int = 150
     num_points: int = 4000
+
+    def __post_init__(self) -> None:
+        _int_at_least(self, "data.synthetic", "seed", 0)
+        _int_at_least(self, "data.synthetic", "num_views width height num_points", 1)
 
 
 @dataclass(frozen=True)
@@ -50,6 +85,21 @@ class SplatDataConfig:
     downscale: int = 1
     test_every: int = 8
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.root, str) and self.root.strip() != "", "data.root", self.root,
+                 "a dataset path (a COLMAP / LLFF folder or a transforms .json)")
+        _int_at_least(self, "data", "downscale", 1)
+        _int_at_least(self, "data", "test_every", 0)
+        bg = self.background
+        _require(len(bg) == 3 and all(_finite(c) and 0.0 <= c <= 1.0 for c in bg), "data.background", bg,
+                 "3 numbers (RGB) in [0, 1]")
+        s = self.synthetic
+        if s is not None and self.test_every > 0:
+            held_out = -(-s.num_views // self.test_every)  # views 0, test_every, 2 test_every, ...
+            _require(s.num_views - held_out >= 1, "data.synthetic.num_views", s.num_views,
+                     f"more than {held_out} views: with data.test_every={self.test_every}, {held_out} of them are "
+                     "held out and none would be left to train on")
 
 
 @dataclass(frozen=True)
@@ -81,6 +131,16 @@ class SplatModelConfig:
     near_plane: float = 0.01
     far_plane: float = 1e10
 
+    def __post_init__(self) -> None:
+        _int_at_least(self, "model", "init_num_points sh_degree_interval", 1)
+        _require(self.sh_degree in (0, 1, 2, 3) and not isinstance(self.sh_degree, bool), "model.sh_degree",
+                 self.sh_degree, "0, 1, 2 or 3 (the SH degrees the rasterizer evaluates)")
+        _positive(self, "model", "init_extent init_scale near_plane")
+        _require(_finite(self.init_opacity) and 0.0 < self.init_opacity < 1.0, "model.init_opacity",
+                 self.init_opacity, "an opacity strictly between 0 and 1 (it is stored as a logit)")
+        _require(isinstance(self.far_plane, (int, float)) and self.far_plane > self.near_plane, "model.far_plane",
+                 self.far_plane, f"a depth > model.near_plane = {self.near_plane}")
+
 
 @dataclass(frozen=True)
 class SplatOptimConfig:
@@ -101,6 +161,12 @@ class SplatOptimConfig:
     sh0_lr: float = 2.5e-3
     shN_lr: float = 2.5e-3 / 20
     ssim_lambda: float = 0.2
+
+    def __post_init__(self) -> None:
+        _nonneg(self, "optim", "means_lr scales_lr quats_lr opacities_lr sh0_lr shN_lr")
+        _positive(self, "optim", "means_lr_final_ratio")
+        _require(_finite(self.ssim_lambda) and 0.0 <= self.ssim_lambda <= 1.0, "optim.ssim_lambda",
+                 self.ssim_lambda, "a weight in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -131,6 +197,14 @@ class StrategyConfig:
     absgrad: bool = False
     revised_opacity: bool = False
 
+    def __post_init__(self) -> None:
+        _require(_finite(self.prune_opa) and 0.0 <= self.prune_opa < 0.5, "strategy.prune_opa", self.prune_opa,
+                 "an opacity in [0, 0.5) (opacity resets set 2 x prune_opa)")
+        _nonneg(self, "strategy", "grow_grad2d")
+        _positive(self, "strategy", "grow_scale3d prune_scale3d")
+        _int_at_least(self, "strategy", "refine_start_iter refine_stop_iter", 0)
+        _int_at_least(self, "strategy", "refine_every reset_every", 1)
+
 
 @dataclass(frozen=True)
 class SplatTrainConfig:
@@ -156,6 +230,11 @@ class SplatTrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        _int_at_least(self, "train", "seed", 0)
+        _int_at_least(self, "train", "max_steps log_every keep_last_ckpts", 1)
+        _int_at_least(self, "train", "eval_every ckpt_every", 0)
+
 
 @dataclass(frozen=True)
 class SplatEvalConfig:
@@ -169,6 +248,9 @@ class SplatEvalConfig:
 
     num_renders: int = 4
     lpips_weights: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _int_at_least(self, "eval", "num_renders", 0)
 
 
 @dataclass(frozen=True)

@@ -30,12 +30,14 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from perception3d.config import config_to_dict
-from perception3d.engine.checkpoint import FORMAT_VERSION, CheckpointManager, read_checkpoint
+from perception3d.engine.checkpoint import FORMAT_VERSION, CheckpointManager
+from perception3d.engine.checkpoint import read_checkpoint as _read_checkpoint_file
 from perception3d.engine.data import derive_seed, get_rng_state, seed_everything, set_rng_state
 from perception3d.engine.logger import RunLogger
 from perception3d.errors import ConfigError, DataError
@@ -60,20 +62,72 @@ def _groups(cfg: SplatConfig) -> tuple[str, ...]:
     return _COMPACT_GROUPS if cfg.compact else _GROUPS
 
 
+# generator settings recorded in synthetic.json -> the config field that sets them
+_SYNTHETIC_FIELDS = {"seed": "data.synthetic.seed", "num_views": "data.synthetic.num_views",
+                     "width": "data.synthetic.width", "height": "data.synthetic.height",
+                     "num_points": "data.synthetic.num_points", "background_rgb": "data.background"}
+
+
+def _synthetic_difference(record: dict, options: dict) -> list[str]:
+    """``field: recorded vs configured`` for every configured generator setting that differs."""
+    return [f"{field} = {record.get(k)!r} in the scene, {options[k]!r} configured"
+            for k, field in _SYNTHETIC_FIELDS.items() if record.get(k) != options[k]]
+
+
 def prepare_scene(cfg: SplatDataConfig) -> Path:
-    """The scene path, generating the synthetic scene first when it is configured and missing."""
+    """The scene path, generating the synthetic scene first when it is configured and missing.
+
+    With ``data.synthetic`` set, a ``data.root`` that already holds a generated scene must have been
+    generated with the same settings (its ``synthetic.json``): a scene of other settings is a
+    ConfigError naming them, not a silent reuse. Generation writes into a temporary folder of its
+    own, renamed into place when complete (`splatting.data.write_synthetic_scene`).
+
+    Raises:
+        ConfigError: ``data.root`` holds a synthetic scene of other settings, or the scene cannot be
+            generated there (a parent is a file, the folder is not writable).
+        DataError: ``data.root`` does not exist and ``data.synthetic`` is not set.
+    """
+    from splatting.data.synthetic import read_synthetic_record, synthetic_options, write_synthetic_scene
+
     root = Path(cfg.root)
-    if root.exists():
+    s = cfg.synthetic
+    options = None
+    if s is not None:
+        try:
+            options = synthetic_options(seed=s.seed, num_views=s.num_views, width=s.width, height=s.height,
+                                        num_points=s.num_points, background_rgb=cfg.background)
+        except DataError as e:
+            raise ConfigError(f"data.synthetic: {e}") from None
+
+    def check_record() -> Path:
+        record = read_synthetic_record(root) if options is not None and root.is_dir() else None
+        if record is not None and _synthetic_difference(record, options):
+            raise ConfigError(f"data.root={root}: holds a synthetic scene generated with other settings than "
+                              f"data.synthetic ({'; '.join(_synthetic_difference(record, options))}); delete the "
+                              "folder to generate it again, point data.root elsewhere, or set data.synthetic to "
+                              "the scene's settings (null: use the scene as it is)")
         return root
-    if cfg.synthetic is None:
+
+    if root.exists():
+        return check_record()
+    if s is None:
         raise DataError(f"data.root={root}: not found (a COLMAP folder, transforms.json or LLFF folder), "
                         "and data.synthetic is not set, so none is generated")
-    from splatting.data import write_synthetic_scene
-
-    s = cfg.synthetic
+    for parent in root.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"data.root={root}: cannot generate the synthetic scene there: {parent} is a file, "
+                                  "not a folder")
+            break
     print(f"[data] generating the synthetic scene ({s.num_views} views, {s.width}x{s.height}) into {root}")
-    return write_synthetic_scene(root, seed=s.seed, num_views=s.num_views, width=s.width, height=s.height,
-                                 num_points=s.num_points, background_rgb=cfg.background)
+    try:
+        return write_synthetic_scene(root, seed=s.seed, num_views=s.num_views, width=s.width, height=s.height,
+                                     num_points=s.num_points, background_rgb=cfg.background, exist_ok=True)
+    except FileExistsError:  # another process generated a scene there meanwhile
+        return check_record()
+    except OSError as e:
+        raise ConfigError(f"data.root={root}: cannot generate the synthetic scene there "
+                          f"({e.strerror or e}: {e.filename or root})") from None
 
 
 def _device(cfg: SplatConfig) -> torch.device:
@@ -88,8 +142,14 @@ def _datasets(cfg: SplatConfig) -> tuple[SplatDataset, SplatDataset]:
     kw = dict(downscale=cfg.data.downscale, test_every=cfg.data.test_every, background_rgb=cfg.data.background)
     train_set, test_set = SplatDataset(scene, "train", **kw), SplatDataset(scene, "test", **kw)
     if len(train_set) == 0:
-        raise DataError(f"{cfg.data.root}: no training views (test_every={cfg.data.test_every})")
+        raise DataError(f"{cfg.data.root}: no training views (data.test_every={cfg.data.test_every} holds out "
+                        f"{len(test_set)} of {len(scene.frames)} views)")
     return train_set, test_set
+
+
+def _no_test_views(cfg: SplatConfig) -> str:
+    return (f"no held-out views (data.test_every={cfg.data.test_every}"
+            + (": 0 holds none out" if cfg.data.test_every == 0 else "") + ")")
 
 
 def _initial_gaussians(cfg: SplatConfig, train_set: SplatDataset, scene_scale: float) -> Gaussians:
@@ -177,10 +237,12 @@ def evaluate_views(gaussians: Gaussians, dataset: SplatDataset, cfg: SplatConfig
             pair = np.concatenate([_to_uint8(pred), _to_uint8(image)], axis=1)
             with atomic_path(render_dir / f"{Path(name).stem}.png") as tmp:
                 Image.fromarray(pair).save(tmp, format="PNG")
-    n = max(len(dataset), 1)
     out = {k: float(np.mean(v)) for k, v in scores.items() if v}
-    out.update(num_gaussians=len(gaussians), ms_per_view=1000 * seconds / n, fps=n / max(seconds, 1e-9),
-               views=len(dataset))
+    out["num_gaussians"] = len(gaussians)
+    if len(dataset):  # no views: nothing rendered, no timing to report
+        n = len(dataset)
+        out.update(ms_per_view=1000 * seconds / n, fps=n / max(seconds, 1e-9))
+    out["views"] = len(dataset)
     return out
 
 
@@ -208,6 +270,83 @@ def _save_checkpoint(ckpts: CheckpointManager, step: int, ts: "TrainState", cfg:
     return ckpts.save(step, state)
 
 
+def read_checkpoint(path: str | Path) -> dict:
+    """`perception3d.engine.checkpoint.read_checkpoint`, remembering the file in ``state["_path"]``
+    (the checks of `_restore` name it)."""
+    state = _read_checkpoint_file(path)
+    state.setdefault("_path", str(path))
+    return state
+
+
+# compact options that shape the saved colour field and codebooks: a checkpoint fits only the same ones
+_COMPACT_STRUCTURE = ("hash_levels", "hash_features", "hash_log2_size", "hash_min_resolution", "hash_max_resolution",
+                      "mlp_hidden", "vq_stages", "vq_codebook_size")
+
+
+def _checkpoint_config_difference(ck: dict, cfg: SplatConfig) -> list[str]:
+    """``key: checkpoint value -> config value`` for the settings a checkpoint's tensors depend on."""
+    saved = ck.get("config")
+    if not isinstance(saved, dict):
+        return []
+    out = []
+    sh = (saved.get("model") or {}).get("sh_degree")
+    if sh is not None and sh != cfg.model.sh_degree:
+        out.append(f"model.sh_degree: {sh} in the checkpoint, {cfg.model.sh_degree} in the config")
+    comp = saved.get("compact")
+    if isinstance(comp, dict) and cfg.compact is not None:
+        for k in _COMPACT_STRUCTURE:
+            if k in comp and comp[k] != getattr(cfg.compact, k):
+                out.append(f"compact.{k}: {comp[k]} in the checkpoint, {getattr(cfg.compact, k)} in the config")
+    return out
+
+
+def _checkpoint_mismatch(cfg: SplatConfig, ts: "TrainState", ck: dict) -> str | None:
+    """Why checkpoint ``ck`` cannot be resumed into the run ``cfg`` built (``ts``), or None."""
+    if ("compact" in ck) != (cfg.compact is not None):
+        return ("a Compact 3DGS checkpoint (colour field and codebooks), but the config has no compact section"
+                if "compact" in ck else "a plain 3DGS checkpoint (SH colours), but the config has a compact section")
+    differ = _checkpoint_config_difference(ck, cfg)
+    if differ:
+        return "trained with other settings: " + "; ".join(differ)
+    model, optim = ck.get("model"), ck.get("optimizer")
+    if not isinstance(model, dict) or not isinstance(optim, dict):
+        return "not a splatting checkpoint (no parameter / optimizer dicts)"
+    missing = [k for k in _groups(cfg) if k not in model or k not in optim]
+    if missing:
+        return f"not a splatting checkpoint of this kind (no parameter group(s) {', '.join(missing)})"
+    counts = {k: int(model[k].shape[0]) if isinstance(model[k], torch.Tensor) and model[k].ndim else -1
+              for k in _groups(cfg)}
+    if len(set(counts.values())) != 1 or -1 in counts.values():
+        return f"inconsistent Gaussian counts per parameter group {counts}"
+    for k in _groups(cfg):
+        want, got = tuple(ts.params[k].shape[1:]), tuple(model[k].shape[1:])
+        if want != got:
+            if k == "shN":
+                have = int(round((got[0] + 1) ** 0.5)) - 1 if got else "?"
+                return (f"its Gaussians carry SH degree {have} (shN [N, {', '.join(map(str, got))}]), the config's "
+                        f"model.sh_degree={cfg.model.sh_degree} needs shN [N, {', '.join(map(str, want))}]")
+            return (f"parameter {k!r} has shape [N, {', '.join(map(str, got))}], the config needs "
+                    f"[N, {', '.join(map(str, want))}]")
+    for k in _groups(cfg):
+        for st in (optim[k].get("state") or {}).values() if isinstance(optim[k], dict) else ():
+            for name in ("exp_avg", "exp_avg_sq"):
+                t = st.get(name) if isinstance(st, dict) else None
+                if isinstance(t, torch.Tensor) and tuple(t.shape) != tuple(model[k].shape):
+                    return (f"optimizer state {name} of {k!r} has shape {tuple(t.shape)}, its parameter "
+                            f"{tuple(model[k].shape)}")
+    if ts.compact is not None:
+        own, saved = ts.compact.state_dict(), ck.get("compact")
+        if not isinstance(saved, dict) or "compact_optimizer" not in ck:
+            return "a Compact 3DGS checkpoint without its colour field / codebook state"
+        for k, v in own.items():
+            got = saved.get(k)
+            if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(v.shape):
+                shape = tuple(got.shape) if isinstance(got, torch.Tensor) else "missing"
+                return (f"compact state {k!r} has shape {shape}, the config's compact section makes "
+                        f"{tuple(v.shape)} (other hash grid / MLP / R-VQ options)")
+    return None
+
+
 def _gaussians_from_checkpoint(state: dict, path, cfg: SplatConfig):
     try:
         m = state["model"]
@@ -215,11 +354,21 @@ def _gaussians_from_checkpoint(state: dict, path, cfg: SplatConfig):
             return Gaussians(m["means"], m["quats"], m["scales"], m["opacities"], m["sh0"], m["shN"])
         if cfg.compact is None:
             raise DataError(f"{path}: a Compact 3DGS checkpoint, but the config has no compact section")
-        model = CompactModel(cfg.compact, torch.zeros(3), 1.0)
+        opts = cfg.compact
+        saved = (state.get("config") or {}).get("compact")
+        if isinstance(saved, dict):  # the field and codebooks the checkpoint holds, whatever the config says
+            from perception3d.config import from_dict
+
+            opts = from_dict(type(cfg.compact), saved, source=f"{path}: config.compact")
+        model = CompactModel(opts, torch.zeros(3), 1.0)
         model.load_state_dict(state["compact"])
         return CompactGaussians.from_training(m, model)
     except KeyError as e:
         raise DataError(f"{path}: not a splatting checkpoint (missing parameter {e})") from None
+    except (ConfigError, RuntimeError, ValueError, TypeError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"{path}: does not fit the config ({type(e).__name__}: {e})") from None
 
 
 @dataclass
@@ -253,8 +402,13 @@ def snapshot(ts: TrainState):
 def build(cfg: SplatConfig) -> TrainState:
     """Datasets, initial Gaussians, optimisers and the densification strategy of a fresh run."""
     device = _device(cfg)
+    weights = cfg.eval.lpips_weights
+    if weights and not Path(weights).expanduser().is_file():  # loaded after setup: checked before it
+        raise DataError(f"eval.lpips_weights={weights}: LPIPS weight file not found")
     seed_everything(cfg.train.seed)
     train_set, test_set = _datasets(cfg)
+    train_set.preload()  # every image decoded now: a corrupt one fails here, not mid-run
+    test_set.preload()
     scene_scale = train_set.scene_scale()
     params = _initial_gaussians(cfg, train_set, scene_scale).to_params(device)
     compact = None
@@ -279,7 +433,18 @@ def _scheduler(cfg: SplatConfig, optimizers: dict) -> torch.optim.lr_scheduler.E
 
 def _restore(cfg: SplatConfig, ts: TrainState, ck: dict) -> tuple[int, float]:
     """Load a checkpoint's parameters, optimiser / schedule / strategy / RNG states; its step and
-    the training seconds it took to get there."""
+    the training seconds it took to get there.
+
+    Raises:
+        DataError: the checkpoint does not fit the config (plain vs Compact 3DGS, another
+            ``model.sh_degree``, other compact field / codebook options, missing or inconsistent
+            tensors), naming the checkpoint and what differs; raised before anything is changed.
+    """
+    problem = _checkpoint_mismatch(cfg, ts, ck)
+    if problem is not None:
+        where = ck.get("_path", f"the checkpoint of step {ck.get('step')}")
+        raise DataError(f"{where}: cannot resume this run from it: {problem}. Resume with the config the run was "
+                        "trained with (its config.yaml), or start a new run in another --out folder")
     for k in _groups(cfg):
         ts.params[k] = torch.nn.Parameter(ck["model"][k].to(ts.device))
     ts.optimizers = _optimizers(cfg, ts.params, ts.train_set.scene_scale())
@@ -355,20 +520,28 @@ def _prune_masked(cfg: SplatConfig, ts: TrainState, it: int) -> None:
             remove(ts.params, ts.optimizers, ts.strategy_state, masked)
 
 
-def train(cfg: SplatConfig, out_dir: str | Path, resume: bool = False) -> dict:
-    """Train 3DGS as configured; evaluate on the held-out views; write renders, .ply and metrics."""
+def train(cfg: SplatConfig, out_dir: str | Path, resume: bool = False, on_start: Callable[[], None] | None = None) -> dict:
+    """Train 3DGS as configured; evaluate on the held-out views; write renders, .ply and metrics.
+
+    ``on_start`` is called once the run is set up (after ``resume`` restored its checkpoint), before
+    the first step: ``tools/train.py`` writes the run's ``config.yaml`` there."""
     out_dir = Path(out_dir)
     ts = build(cfg)
     ckpts = CheckpointManager(out_dir / "ckpt", keep_last=cfg.train.keep_last_ckpts)
     start, elapsed = 0, 0.0
     if resume and ckpts.latest() is not None:
         start, elapsed = _restore(cfg, ts, read_checkpoint(ckpts.latest()))
+    if on_start is not None:
+        on_start()
     T = cfg.train.max_steps
     lpips = _lpips(cfg, ts.device)
     logger = RunLogger(out_dir, T, initial_step=start, initial_elapsed_s=elapsed, progress=cfg.train.progress)
     W, H = ts.train_set.size(0)
     logger.message(f"[splatting] {len(ts.train_set)} training / {len(ts.test_set)} held-out views of {W}x{H} px; "
                    f"{len(ts.params['means'])} Gaussians; device {ts.device}")
+    evaluated = len(ts.test_set) > 0
+    if not evaluated:
+        logger.message(f"[splatting] {_no_test_views(cfg)}: this run is not evaluated (no PSNR / SSIM)")
     window: dict[str, list[float]] = {}
     last_ckpt = None
     try:
@@ -388,7 +561,7 @@ def train(cfg: SplatConfig, out_dir: str | Path, resume: bool = False) -> dict:
                     scalars["sh_degree"] = out["sh_degree"]
                 logger.log(done, scalars)
                 window.clear()
-            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != T:
+            if evaluated and cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != T:
                 if done < ts.strategy.refine_stop_iter and done % ts.strategy.reset_every == 0:
                     logger.message(f"[splatting] eval at step {done} skipped: this step reset every opacity to "
                                    f"{2 * ts.strategy.prune_opa:g} (strategy.reset_every), so it would score the reset")
@@ -414,9 +587,12 @@ def train(cfg: SplatConfig, out_dir: str | Path, resume: bool = False) -> dict:
     result = {"metrics": metrics, "train_views": len(ts.train_set), "step": T,
               "checkpoint": str(last_ckpt or ckpts.latest()), **{k: str(f) for k, f in files.items()}}
     atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2))
-    print(f"[eval] {len(ts.test_set)} held-out views: PSNR {metrics.get('psnr', float('nan')):.2f} dB, "
-          f"SSIM {metrics.get('ssim', float('nan')):.4f}, {metrics['num_gaussians']} Gaussians, "
-          f"{metrics['ms_per_view']:.1f} ms/view; renders in {out_dir / 'renders'}")
+    if evaluated:
+        print(f"[eval] {len(ts.test_set)} held-out views: PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}, "
+              f"{metrics['num_gaussians']} Gaussians, {metrics['ms_per_view']:.1f} ms/view; "
+              f"renders in {out_dir / 'renders'}")
+    else:
+        print(f"[eval] {_no_test_views(cfg)}: nothing evaluated; {metrics['num_gaussians']} Gaussians")
     return result
 
 
@@ -425,12 +601,16 @@ def evaluate(cfg: SplatConfig, ckpt: str | Path, out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     device = _device(cfg)
     _, test_set = _datasets(cfg)
+    if len(test_set) == 0:
+        raise ConfigError(f"{cfg.data.root}: {_no_test_views(cfg)}: nothing to evaluate; set data.test_every "
+                          "to hold views out")
     if str(ckpt).endswith(".ply"):
         gaussians = Gaussians.load_ply(ckpt)
     elif str(ckpt).endswith(".cgs"):
         gaussians = CompactGaussians.load(ckpt)
     else:
         gaussians = _gaussians_from_checkpoint(read_checkpoint(ckpt), ckpt, cfg)
+    test_set.preload()
     metrics = evaluate_views(gaussians, test_set, cfg, out_dir / "renders" / "eval", _lpips(cfg, device), device)
     if str(ckpt).endswith((".ply", ".cgs")):
         metrics["mb_file"] = Path(ckpt).stat().st_size / 1e6

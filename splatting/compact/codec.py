@@ -48,16 +48,26 @@ def huffman_encode(symbols: np.ndarray) -> tuple[bytes, dict]:
 
 
 def huffman_decode(payload: bytes, table: dict) -> np.ndarray:
-    """Inverse of :func:`huffman_encode`: the int64 symbols."""
-    n = int(table["n"])
+    """Inverse of :func:`huffman_encode`: the int64 symbols.
+
+    Raises:
+        ValueError: a malformed table, or a payload that does not decode to exactly ``n`` symbols
+            (callers name the file).
+    """
+    n, nbits = int(table["n"]), int(table["bits"])
+    if n < 0 or nbits < 0 or nbits > 8 * len(payload) or len(payload) != (nbits + 7) // 8:
+        raise ValueError(f"Huffman table says {n} symbols in {nbits} bits; the payload has {len(payload)} bytes")
     if n == 0:
         return np.zeros(0, np.int64)
     if not table["count"]:
         return np.full(n, table["symbol"][0], np.int64)
     bits = bitarray(endian="big")
     bits.frombytes(payload)
-    del bits[int(table["bits"]):]
-    out = np.fromiter(canonical_decode(bits, table["count"], table["symbol"]), dtype=np.int64, count=n)
+    del bits[nbits:]
+    decoded = canonical_decode(bits, table["count"], table["symbol"])
+    out = np.fromiter(decoded, dtype=np.int64, count=n)
+    if next(decoded, None) is not None:
+        raise ValueError(f"Huffman payload holds more than the {n} symbols its table says")
     return out
 
 
@@ -87,6 +97,8 @@ def write_container(path: str | Path, meta: dict, blobs: dict[str, bytes]) -> in
         offset += len(data)
     header = json.dumps({"meta": meta, "blobs": entries}, separators=(",", ":")).encode()
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; expected the path of the compact Gaussian file to write")
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(MAGIC + struct.pack("<I", len(header)) + header)
         for data in blobs.values():
@@ -95,20 +107,46 @@ def write_container(path: str | Path, meta: dict, blobs: dict[str, bytes]) -> in
 
 
 def read_container(path: str | Path) -> tuple[dict, dict[str, bytes]]:
-    """``(meta, blobs)`` of a file written by :func:`write_container`."""
+    """``(meta, blobs)`` of a file written by :func:`write_container`.
+
+    Raises:
+        DataError: missing file, wrong magic bytes, a corrupt header, blobs that are not laid out
+            one after another from the end of the header, a truncated file or trailing bytes.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; expected a compact Gaussian (.cgs) file")
+    if not path.is_file():
+        raise DataError(f"{path}: compact Gaussian (.cgs) file not found")
     raw = path.read_bytes()
     if raw[:len(MAGIC)] != MAGIC:
         raise DataError(f"{path}: not a compact Gaussian file (expected the magic bytes {MAGIC!r} at the start)")
     start = len(MAGIC) + 4
+    if len(raw) < start:
+        raise DataError(f"{path}: truncated: {len(raw)} bytes, shorter than the magic and header length")
+    (n,) = struct.unpack("<I", raw[len(MAGIC):start])
+    if start + n > len(raw):
+        raise DataError(f"{path}: truncated: the header needs {n} bytes after byte {start}, the file has "
+                        f"{len(raw) - start}")
     try:
-        (n,) = struct.unpack("<I", raw[len(MAGIC):start])
         header = json.loads(raw[start:start + n])
-        body = start + n
-        blobs = {k: raw[body + o: body + o + size] for k, (o, size) in header["blobs"].items()}
-    except (struct.error, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{path}: corrupt header ({e})") from None
-    for k, (o, size) in header["blobs"].items():
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: corrupt header (not JSON: {e})") from None
+    entries = header.get("blobs") if isinstance(header, dict) else None
+    if not isinstance(entries, dict) or not isinstance(header.get("meta"), dict):
+        raise DataError(f"{path}: corrupt header (expected an object with 'meta' and 'blobs' objects)")
+    body, offset, blobs = start + n, 0, {}
+    for k, entry in entries.items():
+        if (not isinstance(entry, list) or len(entry) != 2 or not all(isinstance(v, int) and v >= 0 for v in entry)
+                or entry[0] != offset):
+            raise DataError(f"{path}: corrupt header (blob {k!r} at {entry!r}; expected [offset, size] with offset "
+                            f"{offset}, right after the previous blob)")
+        size = entry[1]
+        blobs[k] = raw[body + offset: body + offset + size]
         if len(blobs[k]) != size:
             raise DataError(f"{path}: truncated (blob {k!r} has {len(blobs[k])} of {size} bytes)")
+        offset += size
+    if body + offset != len(raw):
+        raise DataError(f"{path}: {len(raw) - body - offset} unexpected bytes after the last blob (the header "
+                        f"accounts for {body + offset} of {len(raw)} bytes)")
     return header["meta"], blobs

@@ -24,6 +24,7 @@ Morton order makes effective). :meth:`CompactGaussians.load` renders straight fr
 from __future__ import annotations
 
 import lzma
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,9 +87,37 @@ class CompactOptions:
     vq_lambda: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("mask_start_fraction", "vq_start_fraction"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"compact.{name} must be in [0, 1], got {getattr(self, name)}")
+        def bad(name: str, expected: str) -> ConfigError:
+            return ConfigError(f"compact.{name}={getattr(self, name)!r}: expected {expected}")
+
+        def number(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        def whole(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not (number(self.mask_start_fraction) and 0.0 <= self.mask_start_fraction <= 1.0):
+            raise bad("mask_start_fraction", "a fraction of the steps in [0, 1]")
+        if not (number(self.vq_start_fraction) and 0.0 <= self.vq_start_fraction < 1.0):
+            raise bad("vq_start_fraction", "a fraction of the steps in [0, 1) (the saved .cgs needs the R-VQ "
+                                           "phase to have started before the last step)")
+        for name in ("mask_lambda", "mask_lr", "field_lr", "vq_lr", "vq_lambda"):
+            if not (number(getattr(self, name)) and getattr(self, name) >= 0):
+                raise bad(name, "a finite number >= 0")
+        if not number(self.mask_init):
+            raise bad("mask_init", "a finite logit")
+        if not (number(self.mask_threshold) and 0.0 < self.mask_threshold < 1.0):
+            raise bad("mask_threshold", "a probability strictly between 0 and 1")
+        for name in ("prune_every", "hash_levels", "hash_features", "hash_min_resolution", "mlp_hidden", "vq_stages"):
+            if not (whole(getattr(self, name)) and getattr(self, name) >= 1):
+                raise bad(name, "a whole number >= 1")
+        if not (whole(self.hash_log2_size) and 4 <= self.hash_log2_size <= 24):
+            raise bad("hash_log2_size", "a whole number in [4, 24] (a hash table of 2^4 to 2^24 entries per level)")
+        if not (whole(self.hash_max_resolution) and self.hash_max_resolution >= self.hash_min_resolution):
+            raise bad("hash_max_resolution",
+                      f"a whole number >= compact.hash_min_resolution = {self.hash_min_resolution}")
+        if not (whole(self.vq_codebook_size) and 1 <= self.vq_codebook_size <= 65536):
+            raise bad("vq_codebook_size", "a whole number in [1, 65536] (indices are stored as uint8 / uint16)")
 
 
 def _field(o: CompactOptions) -> ColorField:
@@ -251,38 +280,88 @@ class CompactGaussians:
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> "CompactGaussians":
-        """Read a file written by :meth:`save` (either kind)."""
+        """Read a file written by :meth:`save` (either kind).
+
+        Raises:
+            DataError: naming the file: not a Compact 3DGS file, a corrupt or truncated container,
+                options no model can have, blobs of the wrong size for the Gaussian count and options,
+                codebook indices beyond the codebooks, NaN / inf values.
+        """
         meta, blobs = read_container(path)
         if meta.get("format") != "compact3dgs":
             raise DataError(f"{path}: not a Compact 3DGS file (format {meta.get('format')!r})")
+
+        def blob(name: str, dtype, count: int, what: str, compressed: bool = False) -> np.ndarray:
+            if name not in blobs:
+                raise DataError(f"{path}: corrupt Compact 3DGS file: no {name!r} blob ({what})")
+            data = lzma.decompress(blobs[name]) if compressed else blobs[name]
+            size = np.dtype(dtype).itemsize
+            if len(data) != count * size:
+                raise DataError(f"{path}: corrupt Compact 3DGS file: blob {name!r} ({what}) holds {len(data)} bytes, "
+                                f"expected {count} x {size} = {count * size} for n = {meta.get('n')} Gaussians and "
+                                "the stored options")
+            return np.frombuffer(data, dtype)
+
         try:
             opts = CompactOptions(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in meta["options"].items()})
-            n, post = int(meta["n"]), bool(meta["post"])
-            model = CompactModel(opts, torch.tensor(meta["centre"]), meta["radius"])
-            S = opts.vq_stages
+            n, post = meta["n"], meta["post"]
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1 or not isinstance(post, bool):
+                raise DataError(f"{path}: corrupt Compact 3DGS file: n = {n!r}, post = {post!r}; expected a Gaussian "
+                                "count >= 1 and true / false")
+            centre = np.asarray(meta["centre"], np.float64)
+            radius = meta["radius"]
+            if centre.shape != (3,) or not np.isfinite(centre).all() or not (isinstance(radius, (int, float))
+                                                                           and math.isfinite(radius) and radius > 0):
+                raise DataError(f"{path}: corrupt Compact 3DGS file: field centre {meta['centre']!r} / radius "
+                                f"{radius!r}; expected 3 finite numbers and a finite radius > 0")
+            model = CompactModel(opts, torch.tensor(centre, dtype=torch.float32), float(radius))
+            S, K = opts.vq_stages, opts.vq_codebook_size
             floats = np.float16 if post else np.float32  # codebooks and MLP
+            n_table = model.field.grid.table.numel()
+            n_mlp = sum(v.numel() for v in model.field.mlp.state_dict().values())
             if post:
-                means = np.frombuffer(lzma.decompress(blobs["means"]), np.float16).astype(np.float32)
-                codes = torch.from_numpy(np.frombuffer(lzma.decompress(blobs["opacities"]), np.uint8).copy())
+                means = blob("means", np.float16, 3 * n, "float16 positions", compressed=True).astype(np.float32)
+                codes = torch.from_numpy(blob("opacities", np.uint8, n, "8-bit opacities", compressed=True).copy())
                 opac = dequantize_uint8(codes, *meta["opacity_range"]).numpy()
-                sidx = np.stack([huffman_decode(blobs[f"scale_idx{s}"], meta["huffman"][f"scale_idx{s}"])
-                                 for s in range(S)], 1)
-                ridx = np.stack([huffman_decode(blobs[f"rot_idx{s}"], meta["huffman"][f"rot_idx{s}"])
-                                 for s in range(S)], 1)
-                tcodes = torch.from_numpy(np.frombuffer(blobs["table"], np.uint8).copy())
+                idx = {}
+                for name in ("scale_idx", "rot_idx"):
+                    cols = []
+                    for s_ in range(S):
+                        key = f"{name}{s_}"
+                        if key not in blobs or key not in meta["huffman"]:
+                            raise DataError(f"{path}: corrupt Compact 3DGS file: no {key!r} blob or Huffman table "
+                                            f"(options say {S} R-VQ stages)")
+                        col = huffman_decode(blobs[key], meta["huffman"][key])
+                        if len(col) != n:
+                            raise DataError(f"{path}: corrupt Compact 3DGS file: {key!r} decodes to {len(col)} "
+                                            f"indices, expected n = {n}")
+                        cols.append(col)
+                    idx[name] = np.stack(cols, 1)
+                sidx, ridx = idx["scale_idx"], idx["rot_idx"]
+                tcodes = torch.from_numpy(blob("table", np.uint8, n_table, "8-bit hash table").copy())
                 table = dequantize_uint8(tcodes, *meta["table_range"])
             else:
-                means = np.frombuffer(blobs["means"], np.float32)
-                opac = np.frombuffer(blobs["opacities"], np.float32)
-                sidx = np.frombuffer(blobs["scale_idx"], _index_dtype(opts)).reshape(n, S)
-                ridx = np.frombuffer(blobs["rot_idx"], _index_dtype(opts)).reshape(n, S)
-                table = torch.from_numpy(np.frombuffer(blobs["table"], np.float32).copy())
-            cb = torch.from_numpy(np.frombuffer(blobs["codebooks"], floats).astype(np.float32))
-            k = S * opts.vq_codebook_size
+                means = blob("means", np.float32, 3 * n, "float32 positions")
+                opac = blob("opacities", np.float32, n, "float32 opacities")
+                sidx = blob("scale_idx", _index_dtype(opts), n * S, "scale indices").reshape(n, S)
+                ridx = blob("rot_idx", _index_dtype(opts), n * S, "rotation indices").reshape(n, S)
+                table = torch.from_numpy(blob("table", np.float32, n_table, "float32 hash table").copy())
+            cb = torch.from_numpy(blob("codebooks", floats, S * K * 7, "R-VQ codebooks").astype(np.float32))
+            flat = torch.from_numpy(blob("mlp", floats, n_mlp, "colour MLP weights").astype(np.float32))
+            for name, values in (("means", means), ("opacities", opac), ("codebooks", cb.numpy()),
+                                 ("table", table.numpy()), ("mlp", flat.numpy())):
+                bad = ~np.isfinite(values)
+                if bad.any():
+                    raise DataError(f"{path}: corrupt Compact 3DGS file: {int(bad.sum())} NaN / inf values in "
+                                    f"{name!r} (first at element {int(np.argmax(bad))})")
+            for name, values in (("scale_idx", sidx), ("rot_idx", ridx)):
+                if values.size and (values.min() < 0 or values.max() >= K):
+                    raise DataError(f"{path}: corrupt Compact 3DGS file: {name!r} holds index {int(values.max())}; "
+                                    f"the codebooks have {K} entries (compact.vq_codebook_size)")
+            k = S * K
             model.vq_scale.codebooks.data.copy_(cb[:k * 3].view(S, -1, 3))
             model.vq_rot.codebooks.data.copy_(cb[k * 3:].view(S, -1, 4))
             model.field.grid.table.data.copy_(table.view_as(model.field.grid.table))
-            flat = torch.from_numpy(np.frombuffer(blobs["mlp"], floats).astype(np.float32))
             state, offset = {}, 0
             for name, v in model.field.mlp.state_dict().items():
                 state[name] = flat[offset:offset + v.numel()].view_as(v)
@@ -290,7 +369,9 @@ class CompactGaussians:
             model.field.mlp.load_state_dict(state)
             model.vq_on.fill_(True)
             means = torch.from_numpy(means.reshape(n, 3).copy())
-        except (KeyError, ValueError, TypeError, RuntimeError, lzma.LZMAError) as e:
+        except DataError:
+            raise
+        except (KeyError, ValueError, TypeError, IndexError, RuntimeError, lzma.LZMAError, EOFError) as e:
             raise DataError(f"{path}: corrupt Compact 3DGS file ({type(e).__name__}: {e})") from None
         sidx, ridx = torch.from_numpy(sidx.astype(np.int64)), torch.from_numpy(ridx.astype(np.int64))
         with torch.no_grad():

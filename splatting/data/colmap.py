@@ -28,7 +28,7 @@ import numpy as np
 
 from perception3d.errors import DataError
 from perception3d.io.atomic import atomic_write_bytes, atomic_write_text
-from splatting.data.scene import CameraFrame, Scene, check_finite, finish_scene
+from splatting.data.scene import CameraFrame, Scene, check_finite, check_image_size, finish_scene
 
 __all__ = [
     "CAMERA_MODELS",
@@ -212,6 +212,15 @@ class _Reader:
         except UnicodeDecodeError:
             raise DataError(f"{self.path}: image name at byte {self.pos} is not UTF-8") from None
 
+    def count(self, what: str, min_record: int) -> int:
+        """A uint64 record count, checked against the bytes left (each record >= `min_record` bytes)."""
+        (n,) = self.read("Q")
+        left = len(self.data) - self.pos
+        if n * min_record > left:
+            raise DataError(f"{self.path}: header says {n} {what}, which needs at least {n * min_record} bytes; "
+                            f"the file has {left} after the count (truncated or not a COLMAP model file)")
+        return n
+
     def check_end(self) -> None:
         if self.pos != len(self.data):
             raise DataError(f"{self.path}: {len(self.data) - self.pos} unexpected trailing bytes "
@@ -220,7 +229,7 @@ class _Reader:
 
 def _read_cameras_bin(path: Path) -> dict[int, ColmapCamera]:
     r = _Reader(path)
-    (n,) = r.read("Q")
+    n = r.count("cameras", 24 + 8 * 3)
     cams = {}
     for _ in range(n):
         cam_id, model_id, w, h = r.read("iiQQ")
@@ -229,14 +238,26 @@ def _read_cameras_bin(path: Path) -> dict[int, ColmapCamera]:
                             f"supported models are {', '.join(SUPPORTED_MODELS)}")
         name, nparams = CAMERA_MODELS[model_id]
         params = r.read("d" * nparams)
-        cams[cam_id] = ColmapCamera(cam_id, name, int(w), int(h), tuple(float(v) for v in params))
+        if cam_id in cams:
+            raise DataError(f"{path}: camera id {cam_id} appears twice; expected unique camera ids")
+        cams[cam_id] = _camera(path, f"camera {cam_id}", cam_id, name, int(w), int(h), params)
     r.check_end()
     return cams
 
 
+def _camera(path: Path, where: str, cam_id: int, model: str, w: int, h: int, params) -> ColmapCamera:
+    """A camera after the checks COLMAP's own files always pass: positive size, finite parameters."""
+    if w <= 0 or h <= 0 or w > 1 << 20 or h > 1 << 20:
+        raise DataError(f"{path}: {where}: image size {w}x{h}; expected a positive width and height in pixels")
+    params = tuple(float(v) for v in params)
+    if not np.isfinite(params).all():
+        raise DataError(f"{path}: {where}: NaN or inf in the {model} parameters {params}")
+    return ColmapCamera(cam_id, model, w, h, params)
+
+
 def _read_images_bin(path: Path) -> list[ColmapImage]:
     r = _Reader(path)
-    (n,) = r.read("Q")
+    n = r.count("images", 64 + 1 + 8)
     images = []
     for _ in range(n):
         image_id, qw, qx, qy, qz, tx, ty, tz, cam_id = r.read("I7dI")
@@ -248,20 +269,24 @@ def _read_images_bin(path: Path) -> list[ColmapImage]:
     return images
 
 
-def _read_points_bin(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _read_points_bin(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, int]]:
     r = _Reader(path)
-    (n,) = r.read("Q")
+    n = r.count("points", 43)
     ids = np.empty(n, np.int64)
     xyz = np.empty((n, 3), np.float64)
     rgb = np.empty((n, 3), np.uint8)
+    seen: dict[int, int] = {}  # image id -> the first point whose track names it
     for i in range(n):
         pid, x, y, z, cr, cg, cb, _err, track_len = r.read("Q3d3BdQ")
+        start = r.pos
         r.skip(8 * track_len)  # image_id (int32), point2D_idx (int32) per track element
+        for im in np.unique(np.frombuffer(r.data, "<i4", count=2 * track_len, offset=start)[0::2]).tolist():
+            seen.setdefault(im, int(pid))
         ids[i] = pid
         xyz[i] = (x, y, z)
         rgb[i] = (cr, cg, cb)
     r.check_end()
-    return ids, xyz, rgb
+    return ids, xyz, rgb, seen
 
 
 # ------------------------------------------------------------------------------------------------
@@ -307,7 +332,9 @@ def _read_cameras_txt(path: Path) -> dict[int, ColmapCamera]:
                             f"got {len(tok) - 4} in {line!r}")
         cam_id, w, h = _numbers(path, lineno, [tok[0], tok[2], tok[3]], "iii", expected)
         params = _numbers(path, lineno, tok[4:], "f" * nparams, expected)
-        cams[cam_id] = ColmapCamera(cam_id, model, w, h, tuple(params))
+        if cam_id in cams:
+            raise DataError(f"{path}:{lineno}: camera id {cam_id} appears twice; expected unique camera ids")
+        cams[cam_id] = _camera(path, f"line {lineno} (camera {cam_id})", cam_id, model, w, h, params)
     return cams
 
 
@@ -334,23 +361,26 @@ def _read_images_txt(path: Path) -> list[ColmapImage]:
     return images
 
 
-def _read_points_txt(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    expected = "POINT3D_ID X Y Z R G B ERROR TRACK[]"
+def _read_points_txt(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, int]]:
+    expected = "POINT3D_ID X Y Z R G B ERROR TRACK[] (IMAGE_ID POINT2D_IDX pairs)"
     ids, xyz, rgb = [], [], []
+    seen: dict[int, int] = {}  # image id -> the line of the first point whose track names it
     for lineno, line in _data_lines(path):
         if not line:
             continue
         tok = line.split()
-        if len(tok) < 8:
-            raise DataError(f"{path}:{lineno}: expected {expected}; got {line!r}")
+        if len(tok) < 8 or (len(tok) - 8) % 2:
+            raise DataError(f"{path}:{lineno}: expected {expected}; got {len(tok)} values in {line[:120]!r}")
         vals = _numbers(path, lineno, tok[:7], "ifffiii", expected)
         if not all(0 <= c <= 255 for c in vals[4:7]):
             raise DataError(f"{path}:{lineno}: colour {vals[4:7]} outside 0..255")
+        for im in _numbers(path, lineno, tok[8::2], "i" * ((len(tok) - 8) // 2), expected):
+            seen.setdefault(im, lineno)
         ids.append(vals[0])
         xyz.append(vals[1:4])
         rgb.append(vals[4:7])
     return (np.asarray(ids, np.int64).reshape(-1), np.asarray(xyz, np.float64).reshape(-1, 3),
-            np.asarray(rgb, np.uint8).reshape(-1, 3))
+            np.asarray(rgb, np.uint8).reshape(-1, 3), seen)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -373,8 +403,10 @@ def read_colmap_model(folder: str | Path) -> ColmapModel:
     """Read `cameras`, `images` and (optional) `points3D` from a model folder (binary preferred).
 
     Raises:
-        DataError: missing folder or files, truncated / malformed files (naming file and line),
-            an image referring to an unknown camera.
+        DataError: missing folder or files, truncated / malformed files (naming file and line), a
+            record count the file cannot hold, duplicate camera / image ids or image names, a camera
+            of no size or with NaN parameters, an image referring to an unknown camera, point tracks
+            referring to unknown images.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -391,6 +423,8 @@ def read_colmap_model(folder: str | Path) -> ColmapModel:
     else:
         cams, images = _read_cameras_txt(cam_path), _read_images_txt(img_path)
         pts = _read_points_txt(pts_path) if pts_path.is_file() else None
+    ids: dict[int, str] = {}
+    names: set[str] = set()
     for im in images:
         if im.camera_id not in cams:
             raise DataError(f"{img_path}: image {im.name!r} refers to camera {im.camera_id}, "
@@ -398,8 +432,21 @@ def read_colmap_model(folder: str | Path) -> ColmapModel:
         check_finite(im.qvec + im.tvec, f"{img_path}: pose of image {im.name!r}")
         if np.linalg.norm(im.qvec) < 1e-12:
             raise DataError(f"{img_path}: image {im.name!r} has a zero quaternion")
+        if im.image_id in ids:
+            raise DataError(f"{img_path}: image id {im.image_id} appears twice ({ids[im.image_id]!r} and "
+                            f"{im.name!r}); expected unique image ids")
+        if im.name in names:  # one photo twice: double weight, or in both splits (a leak)
+            raise DataError(f"{img_path}: image {im.name!r} is listed twice; expected each image once")
+        ids[im.image_id] = im.name
+        names.add(im.name)
     if pts is None:
-        pts = (np.zeros(0, np.int64), np.zeros((0, 3)), np.zeros((0, 3), np.uint8))
+        pts = (np.zeros(0, np.int64), np.zeros((0, 3)), np.zeros((0, 3), np.uint8), {})
+    unknown = sorted(set(pts[3]) - set(ids))
+    if unknown:
+        where = "line" if not binary else "point id"
+        raise DataError(f"{pts_path}: point tracks refer to image id(s) {unknown[:5]} that are not in "
+                        f"{img_path.name} (first at {where} {pts[3][unknown[0]]}); the points do not belong "
+                        "to this model's images")
     check_finite(pts[1], f"{pts_path}: point coordinates")
     return ColmapModel(cams, tuple(images), pts[0], pts[1], pts[2], folder, binary)
 
@@ -418,7 +465,7 @@ def load_colmap(root: str | Path, images_dir: str = "images", model_dir: str | P
 
     Raises:
         DataError: no model, an unsupported camera model (naming it and the file), malformed files,
-            no image at all.
+            no image at all, an image whose header is unreadable or whose size is not its camera's.
     """
     root = Path(root)
     if not root.is_dir():
@@ -431,6 +478,7 @@ def load_colmap(root: str | Path, images_dir: str = "images", model_dir: str | P
     cam_file = folder / ("cameras.bin" if model.binary else "cameras.txt")
     intr = {cid: cam.intrinsics(cam_file) for cid, cam in model.cameras.items()}
     image_root = root / images_dir
+    img_file = folder / ("images.bin" if model.binary else "images.txt")
     frames, missing = [], []
     for im in model.images:
         path = image_root / im.name
@@ -439,10 +487,16 @@ def load_colmap(root: str | Path, images_dir: str = "images", model_dir: str | P
             continue
         cam = model.cameras[im.camera_id]
         K, dist = intr[im.camera_id]
-        frames.append(CameraFrame(name=im.name, image_path=path.resolve(), camtoworld=im.camtoworld, K=K,
-                                  width=cam.width, height=cam.height, distortion=dist))
+        try:
+            frame = CameraFrame(name=im.name, image_path=path.resolve(), camtoworld=im.camtoworld, K=K,
+                                width=cam.width, height=cam.height, distortion=dist)
+        except DataError as e:
+            raise DataError(f"{img_file}: image {im.image_id} with camera {im.camera_id} of {cam_file.name}: "
+                            f"{e}") from None
+        check_image_size(path, cam.width, cam.height, f"camera {im.camera_id} of {cam_file}")
+        frames.append(frame)
     has_pts = len(model.points) > 0
-    return finish_scene(folder / ("images.bin" if model.binary else "images.txt"), root, frames, missing,
+    return finish_scene(img_file, root, frames, missing,
                         points=model.points.astype(np.float32) if has_pts else None,
                         points_rgb=model.points_rgb if has_pts else None, fmt="colmap", image_dir=image_root)
 

@@ -42,8 +42,9 @@ def load_llff(root: str | Path, images_dir: str = "images") -> Scene:
         images_dir: image folder relative to `root` (e.g. "images_4" for the 4x smaller copies).
 
     Raises:
-        DataError: missing/malformed `poses_bounds.npy` (not `[N, 17]`, NaN), a different number of
-            images than poses, images whose aspect ratio does not match the stored `h, w`.
+        DataError: missing/malformed `poses_bounds.npy` (not `[N, 17]`, NaN, a pose that is not a
+            rotation, bounds other than 0 <= near < far), a different number of images than poses,
+            images whose aspect ratio does not match the stored `h, w`.
     """
     root = Path(root)
     path = root / "poses_bounds.npy"
@@ -65,6 +66,12 @@ def load_llff(root: str | Path, images_dir: str = "images") -> Scene:
         raise DataError(f"{path}: {n} poses but {len(files)} images in {image_root} "
                         "(the i-th sorted image belongs to the i-th row)")
     poses = arr[:, :15].reshape(n, 3, 5)
+    bounds = arr[:, 15:17]
+    bad = ~((bounds[:, 0] >= 0) & (bounds[:, 1] > bounds[:, 0]))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise DataError(f"{path}: row {i}: depth bounds (near, far) = ({bounds[i, 0]:g}, {bounds[i, 1]:g}); "
+                        f"expected 0 <= near < far ({int(bad.sum())} of {n} rows are not)")
     frames = []
     for i, (pose, file) in enumerate(zip(poses, files)):
         h, w, focal = pose[:, 4]
@@ -76,6 +83,9 @@ def load_llff(root: str | Path, images_dir: str = "images") -> Scene:
             raise DataError(f"{file}: image is {iw}x{ih} px but row {i} of {path.name} says {w:g}x{h:g}: "
                             "different aspect ratio")
         K = np.array([[focal * sx, 0.0, 0.5 * iw], [0.0, focal * sy, 0.5 * ih], [0.0, 0.0, 1.0]])
-        frames.append(CameraFrame(name=file.name, image_path=file.resolve(), camtoworld=llff_to_camtoworld(pose),
-                                  K=K, width=iw, height=ih, distortion=None))
-    return finish_scene(path, root, frames, [], bounds=arr[:, 15:17], fmt="llff")
+        try:
+            frames.append(CameraFrame(name=file.name, image_path=file.resolve(), camtoworld=llff_to_camtoworld(pose),
+                                      K=K, width=iw, height=ih, distortion=None))
+        except DataError as e:
+            raise DataError(f"{path}: row {i} (image {file.name}): {e}") from None
+    return finish_scene(path, root, frames, [], bounds=bounds, fmt="llff")

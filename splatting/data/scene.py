@@ -41,6 +41,7 @@ __all__ = [
     "undistort_image",
     "undistortion_grid",
     "undistortion_crop",
+    "pose_problem",
     "IMAGE_EXTENSIONS",
 ]
 
@@ -84,6 +85,9 @@ class CameraFrame:
         if c2w.shape != (4, 4) or not np.isfinite(c2w).all():
             raise DataError(f"frame {self.name!r}: camtoworld must be a finite [4, 4] matrix; "
                             f"got shape {c2w.shape} (NaN/inf: {not np.isfinite(c2w).all()})")
+        problem = pose_problem(c2w)
+        if problem:
+            raise DataError(f"frame {self.name!r}: camtoworld {problem}")
         if K.shape != (3, 3) or not np.isfinite(K).all() or K[0, 0] <= 0 or K[1, 1] <= 0:
             raise DataError(f"frame {self.name!r}: K must be a finite [3, 3] matrix with fx, fy > 0; got {K.tolist()}")
         if int(self.width) <= 0 or int(self.height) <= 0:
@@ -198,6 +202,32 @@ def check_finite(values, what: str) -> np.ndarray:
     return arr
 
 
+#: tolerance of `pose_problem` on `R^T R - I` (real captures: ~1e-6; float32 poses: ~1e-7)
+POSE_ROTATION_TOLERANCE = 1e-3
+
+
+def pose_problem(c2w: np.ndarray) -> str | None:
+    """What makes a finite `[4, 4]` camera -> world matrix no rigid pose, or None.
+
+    A pose must be `[[R, t], [0, 0, 0, 1]]` with `R` a rotation (orthonormal, det +1): a last row
+    other than `[0, 0, 0, 1]` (a projective matrix) or a scaled, sheared, mirrored or singular `R`
+    would otherwise be rendered silently wrong (or fail to invert deep inside training).
+    """
+    c2w = np.asarray(c2w, np.float64)
+    last = c2w[3]
+    if np.abs(last - [0.0, 0.0, 0.0, 1.0]).max() > 1e-6:
+        return f"has last row {[float(v) for v in last]}; expected [0, 0, 0, 1] (a rigid camera -> world pose)"
+    R = c2w[:3, :3]
+    dev = float(np.abs(R.T @ R - np.eye(3)).max())
+    det = float(np.linalg.det(R))
+    if dev > POSE_ROTATION_TOLERANCE or det <= 0:
+        kind = ("singular" if abs(det) < 1e-9 else "mirrored (det < 0)" if det < 0
+                else "scaled or sheared")
+        return (f"has a rotation part that is not a rotation: {kind} (max |R^T R - I| = {dev:.3g}, det = {det:.3g}); "
+                "expected an orthonormal 3x3 rotation with det +1")
+    return None
+
+
 def image_size(path: Path) -> tuple[int, int]:
     """`(width, height)` of an image file, reading only its header (PIL)."""
     from PIL import Image
@@ -207,6 +237,13 @@ def image_size(path: Path) -> tuple[int, int]:
             return int(im.size[0]), int(im.size[1])
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+
+
+def check_image_size(path: Path, width: int, height: int, where: str) -> None:
+    """DataError unless the image file's header says `width x height` (the size `where` states)."""
+    iw, ih = image_size(path)
+    if (iw, ih) != (int(width), int(height)):
+        raise DataError(f"{path}: image is {iw}x{ih} px but {where} says {int(width)}x{int(height)}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -477,7 +514,11 @@ class SplatDataset:
         key = (frame.K.tobytes(), frame.distortion, frame.width, frame.height)
         if key not in self._grids:
             grid = undistortion_grid(frame.K, frame.distortion, frame.width, frame.height)
-            self._grids[key] = grid, undistortion_crop(grid)
+            try:
+                self._grids[key] = grid, undistortion_crop(grid)
+            except DataError as e:
+                raise DataError(f"frame {frame.name!r} ({frame.image_path}), distortion {frame.distortion}: "
+                                f"{e}") from None
         return self._grids[key]
 
     def _camera(self, frame: CameraFrame) -> tuple[np.ndarray, int, int]:
@@ -515,6 +556,19 @@ class SplatDataset:
             x = img[:H, :W].permute(2, 0, 1)[None]
             img = torch.nn.functional.avg_pool2d(x, kernel_size=f)[0].permute(1, 2, 0).contiguous()
         return img
+
+    def preload(self) -> "SplatDataset":
+        """Decode (undistort, downscale) every image of the split now, into the cache.
+
+        A trainer calls this before its first step, so that an image that cannot be decoded (a
+        truncated or corrupt PNG / JPEG whose header still reads) is a `DataError` naming the file
+        before any work, not a failure in the middle of a run. Returns `self`.
+        """
+        for i in range(len(self)):
+            img = self._load(self.frames[i])
+            if self.cache:
+                self._cache[i] = img
+        return self
 
     def __getitem__(self, i: int) -> SplatSample:
         n = len(self.frames)

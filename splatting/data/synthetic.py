@@ -56,6 +56,8 @@ __all__ = [
     "render_view",
     "cast_rays",
     "sample_surface_points",
+    "synthetic_options",
+    "read_synthetic_record",
     "write_synthetic_scene",
 ]
 
@@ -553,13 +555,56 @@ def _to_uint8(x: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 # on disk
 # ------------------------------------------------------------------------------------------------
+def synthetic_options(seed: int = 0, num_views: int = 40, width: int = 200, height: int = 150, num_points: int = 4000,
+                      samples_per_side: int = 4, background_rgb: Sequence[float] = (1.0, 1.0, 1.0)) -> dict:
+    """The generator settings `write_synthetic_scene` records in `root/synthetic.json` (checked here).
+
+    Raises:
+        DataError: a setting no scene can be made with (no views, an empty image, no points, ...),
+            naming it; raised before anything is written.
+    """
+    def whole(name: str, v, low: int) -> int:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+            raise DataError(f"synthetic scene: {name}={v!r}: expected a whole number >= {low}")
+        return int(v)
+
+    bg = [float(c) for c in background_rgb]
+    if len(bg) != 3 or not all(0.0 <= c <= 1.0 for c in bg):
+        raise DataError(f"synthetic scene: background_rgb={tuple(background_rgb)!r}: expected 3 numbers in [0, 1]")
+    return {"generator": "splatting.data.synthetic", "version": 1, "seed": whole("seed", seed, 0),
+            "num_views": whole("num_views", num_views, 1), "width": whole("width", width, 1),
+            "height": whole("height", height, 1), "num_points": whole("num_points", num_points, 1),
+            "samples_per_side": whole("samples_per_side", samples_per_side, 1), "background_rgb": bg}
+
+
+def read_synthetic_record(root: str | Path) -> dict | None:
+    """The settings recorded in `root/synthetic.json`, or None when there is no such file.
+
+    Raises:
+        DataError: the file exists but is not a JSON object.
+    """
+    meta = Path(root) / "synthetic.json"
+    if not meta.is_file():
+        return None
+    try:
+        record = json.loads(meta.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{meta}: not a valid synthetic scene record ({e})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{meta}: not a valid synthetic scene record (expected a JSON object)")
+    return record
+
+
 def write_synthetic_scene(root: str | Path, seed: int = 0, num_views: int = 40, width: int = 200, height: int = 150,
                           num_points: int = 4000, samples_per_side: int = 4,
                           background_rgb: Sequence[float] = (1.0, 1.0, 1.0), exist_ok: bool = False) -> Path:
     """Generate a synthetic scene and write it as transforms.json + COLMAP text (see the module docstring).
 
-    Writing goes into a temporary sibling folder renamed onto `root` at the end, so an interrupted
-    run leaves no half-written scene. Same arguments -> identical bytes.
+    Writing goes into a temporary sibling folder of its own (`.<name>.<pid>.<random>.partial`),
+    renamed onto `root` at the end, so an interrupted or failed run leaves no half-written scene, and
+    two processes generating the same scene at once never see each other's files: the first rename
+    wins, the other finds the finished scene (with `exist_ok`) and discards its copy. Same arguments
+    -> identical bytes. The settings are recorded in `root/synthetic.json`, written last.
 
     Args:
         root: output folder (must not exist, unless `exist_ok`).
@@ -576,26 +621,29 @@ def write_synthetic_scene(root: str | Path, seed: int = 0, num_views: int = 40, 
         `root`.
 
     Raises:
+        DataError: invalid settings (checked before anything is written).
         FileExistsError: `root` exists (and, with `exist_ok`, was not made with these arguments).
+        OSError: `root` cannot be created (its parent is a file, or not writable).
     """
     from PIL import Image
 
     from perception3d.io.pointcloud import write_ply
 
     root = Path(root)
-    options = {"generator": "splatting.data.synthetic", "version": 1, "seed": int(seed), "num_views": int(num_views),
-               "width": int(width), "height": int(height), "num_points": int(num_points),
-               "samples_per_side": int(samples_per_side), "background_rgb": [float(c) for c in background_rgb]}
-    if root.exists():
-        meta = root / "synthetic.json"
-        if exist_ok and meta.is_file() and json.loads(meta.read_text()) == options:
+    options = synthetic_options(seed, num_views, width, height, num_points, samples_per_side, background_rgb)
+
+    def existing() -> Path:
+        if exist_ok and read_synthetic_record(root) == options:
             return root
         raise FileExistsError(f"{root}: already exists" + (f" and was not generated with {options}" if exist_ok else
                                                             " (pass exist_ok=True to reuse a matching scene)"))
+
+    if root.exists():
+        return existing()
     scene = make_synthetic_scene(seed, background_rgb=background_rgb)
     cameras = orbit_cameras(num_views, width, height, seed=seed, target=scene.target)
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".partial", dir=root.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.{os.getpid()}.", suffix=".partial", dir=root.parent))
     try:
         (tmp / "images").mkdir()
         frames, names = [], []
@@ -613,7 +661,13 @@ def write_synthetic_scene(root: str | Path, seed: int = 0, num_views: int = 40, 
         write_transforms_json(tmp / "transforms.json", frames, image_names=[f"images/{n}" for n in names],
                               ply_file_path="points3D.ply")
         (tmp / "synthetic.json").write_text(json.dumps(options, indent=2) + "\n")
-        os.rename(tmp, root)
+        try:
+            os.rename(tmp, root)  # atomic; fails when another process renamed its scene onto root first
+        except OSError:
+            if not root.exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            return existing()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -11,11 +11,14 @@ Keys understood (top level, or per frame where per-frame values win):
 * intrinsics: `fl_x`, `fl_y`, `cx`, `cy`, `w`, `h` (pixels), or Blender's `camera_angle_x`
   (`fx = 0.5 * w / tan(0.5 * camera_angle_x)`); without `fl_y`, `fy` comes from `camera_angle_y`
   when given, else `fy = fx`.
-  `cx, cy` default to the image centre; a missing `w`/`h` is read from the image's header.
+  `cx, cy` default to the image centre; a missing `w`/`h` is read from the image's header. Every
+  image's header is read on load: a size other than the stated `w`/`h` is a DataError, and so
+  are images of different sizes that share top-level pixel intrinsics without stating `w`/`h`.
 * distortion: `k1, k2, p1, p2` (OpenCV); non-zero `k3`/`k4`, `is_fisheye` or a `camera_model`
   other than OPENCV/PINHOLE/SIMPLE_PINHOLE are DataErrors (not silently ignored).
 * `transform_matrix`: camera -> world in the OpenGL/Blender convention (x right, y up, z backward),
-  converted to OpenCV axes here: `camtoworld = transform_matrix @ diag(1, -1, -1, 1)`.
+  converted to OpenCV axes here: `camtoworld = transform_matrix @ diag(1, -1, -1, 1)`. It must be a
+  rigid pose (last row `[0, 0, 0, 1]`, a rotation with det +1): anything else is a DataError.
 * `file_path`: may lack an extension (Blender: "./train/r_0"); then `.png` and `.jpg` are tried.
 * nerfstudio's `train_filenames` / `val_filenames` / `test_filenames` set the frames' splits;
   `ply_file_path` names an initial point cloud (x, y, z, red, green, blue), read into `Scene.points`.
@@ -31,7 +34,7 @@ import numpy as np
 
 from perception3d.errors import DataError
 from perception3d.io.atomic import atomic_write_text
-from splatting.data.scene import CameraFrame, Scene, check_finite, finish_scene, image_size
+from splatting.data.scene import CameraFrame, Scene, check_finite, finish_scene, image_size, pose_problem
 
 __all__ = [
     "OPENGL_TO_OPENCV",
@@ -116,6 +119,9 @@ def _frame(path: Path, top: dict, frame: Any, index: int, split: str | None) -> 
         tm = np.concatenate([tm, [[0.0, 0.0, 0.0, 1.0]]])
     if tm.shape != (4, 4):
         raise DataError(f"{path}: frames[{index}] ({name!r}).transform_matrix: expected 4x4 (or 3x4); got {tm.shape}")
+    problem = pose_problem(tm)
+    if problem:
+        raise DataError(f"{path}: frames[{index}] ({name!r}).transform_matrix {problem}")
     model = keys.raw("camera_model")
     if model is not None and model not in _PINHOLE_MODELS:
         raise DataError(f"{keys.where('camera_model')}: camera model {model!r} is not supported; "
@@ -130,14 +136,21 @@ def _frame(path: Path, top: dict, frame: Any, index: int, split: str | None) -> 
     if image is None:
         return name, None
     w, h = keys.num("w"), keys.num("h")
-    if w is None or h is None:
-        iw, ih = image_size(image)
-        w = float(iw) if w is None else w
-        h = float(ih) if h is None else h
     for key, v in (("w", w), ("h", h)):
-        if v != int(v) or v <= 0:
+        if v is not None and (v != int(v) or v <= 0):
             raise DataError(f"{keys.where(key)}: expected a positive whole number of pixels; got {v}")
+    iw, ih = image_size(image)  # the header only: existence, a known format, the size
+    if (w is not None and int(w) != iw) or (h is not None and int(h) != ih):
+        per_frame = "per frame" if "w" in frame or "h" in frame else "top level"
+        raise DataError(f"{image}: image is {iw}x{ih} px but {path} says w x h = "
+                        f"{int(w) if w is not None else '?'}x{int(h) if h is not None else '?'} ({per_frame}) for "
+                        f"frames[{index}] ({name!r})")
+    w, h = float(iw), float(ih)
     fx, fy = keys.num("fl_x"), keys.num("fl_y")
+    for key in ("camera_angle_x", "camera_angle_y"):
+        angle = keys.num(key)
+        if angle is not None and not 0.0 < angle < math.pi:
+            raise DataError(f"{keys.where(key)}: a field of view of {angle} rad; expected radians in (0, pi)")
     if fx is None:
         angle = keys.num("camera_angle_x")
         if angle is None:
@@ -152,8 +165,39 @@ def _frame(path: Path, top: dict, frame: Any, index: int, split: str | None) -> 
     cy = 0.5 * h if cy is None else cy
     dist = tuple(keys.num(k) or 0.0 for k in ("k1", "k2", "p1", "p2"))
     K = np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]])
-    return name, CameraFrame(name=name, image_path=image, camtoworld=tm @ OPENGL_TO_OPENCV, K=K, width=int(w),
-                             height=int(h), distortion=dist if any(dist) else None, split=split)
+    try:
+        return name, CameraFrame(name=name, image_path=image, camtoworld=tm @ OPENGL_TO_OPENCV, K=K, width=int(w),
+                                 height=int(h), distortion=dist if any(dist) else None, split=split)
+    except DataError as e:
+        raise DataError(f"{path}: frames[{index}]: {e}") from None
+
+
+def _shared_pixel_keys(top: dict, frame: dict) -> list[str]:
+    """The pixel-unit intrinsics a frame takes from the top level (valid for one image size only)."""
+    return [k for k in ("fl_x", "fl_y", "cx", "cy") if k in top and k not in frame]
+
+
+def _check_sizes(path: Path, meta: dict, entries: list[tuple[int, dict, CameraFrame]]) -> None:
+    """Frames that share pixel intrinsics from the top level without stating their size must share one size.
+
+    Without `w` / `h` each frame takes its image's real size; then top-level `fl_x` / `fl_y` / `cx` /
+    `cy` (pixels of one image size) cannot be right for images of another size: refused, not guessed.
+    """
+    if "w" in meta and "h" in meta:
+        return  # every image was checked against the stated size
+    first = None
+    for i, entry, f in entries:
+        shared = _shared_pixel_keys(meta, entry)
+        if not shared or ("w" in entry and "h" in entry):
+            continue
+        if first is None:
+            first = (i, f, shared)
+        elif (f.width, f.height) != (first[1].width, first[1].height):
+            j, g, keys = first
+            raise DataError(f"{path}: frames[{i}] ({f.name!r}) is {f.width}x{f.height} px but frames[{j}] "
+                            f"({g.name!r}) is {g.width}x{g.height} px, and both take the top-level "
+                            f"{', '.join(sorted(set(keys) | set(shared)))} (pixels of one image size) with no "
+                            "'w' / 'h' stated: give each frame its own w, h and intrinsics, or images of one size")
 
 
 def _nerfstudio_splits(path: Path, meta: dict) -> dict[str, str]:
@@ -203,16 +247,27 @@ def load_transforms(path: str | Path) -> Scene:
             raise DataError(f"{path}: no transforms.json or transforms_{{train,val,test}}.json found")
     root = files[0][0].parent
     frames, missing = [], []
+    seen: dict[Path, str] = {}
     points = points_rgb = None
     for file, split in files:
         meta = _read_json(file)
         ns_splits = _nerfstudio_splits(file, meta)
+        entries = []
         for i, entry in enumerate(meta["frames"]):
             fsplit = split
             if ns_splits and isinstance(entry, dict) and isinstance(entry.get("file_path"), str):
                 fsplit = ns_splits.get(str(Path(entry["file_path"])), split)
             name, frame = _frame(file, meta, entry, i, fsplit)
-            (missing.append(name) if frame is None else frames.append(frame))
+            if frame is None:
+                missing.append(name)
+                continue
+            if frame.image_path in seen:  # one image twice: double weight, or in both splits (a leak)
+                raise DataError(f"{file}: frames[{i}] ({name!r}) names the same image as {seen[frame.image_path]} "
+                                f"({frame.image_path}); expected each image once")
+            seen[frame.image_path] = f"frames[{i}] of {file.name}" if len(files) > 1 else f"frames[{i}]"
+            frames.append(frame)
+            entries.append((i, entry, frame))
+        _check_sizes(file, meta, entries)
         ply = meta.get("ply_file_path")
         if ply is not None and points is None:
             if not isinstance(ply, str):

@@ -42,6 +42,71 @@ _REQUIRED = ("x", "y", "z", "f_dc_0", "f_dc_1", "f_dc_2", "opacity", "scale_0", 
 _REST_RE = re.compile(r"^f_rest_(\d+)$")
 
 
+_TYPE_SIZES = {"char": 1, "int8": 1, "uchar": 1, "uint8": 1, "short": 2, "int16": 2, "ushort": 2, "uint16": 2,
+               "int": 4, "int32": 4, "uint": 4, "uint32": 4, "float": 4, "float32": 4, "double": 8, "float64": 8}
+
+
+def check_output_path(path: str | Path, what: str) -> Path:
+    """`path` as a Path, or a DataError when a file cannot be written there (a folder, or under a file)."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; expected the path of the {what} file to write")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DataError(f"{path}: cannot write the {what} file: {parent} is a file, not a folder")
+            break
+    return path
+
+
+def _check_extent(path: Path) -> None:
+    """The element counts of the header against the data the file holds.
+
+    `read_ply` reads as many vertices as the header announces and stops there; a header that
+    announces fewer Gaussians than the file holds would silently drop the rest, one that announces a
+    negative count would read everything. Here a negative count, or data beyond what the header's
+    counts (and property sizes, for binary files) account for, is a DataError; data that falls short
+    is left to `read_ply`'s truncation error.
+    """
+    raw = path.read_bytes()
+    end = raw.find(b"end_header")
+    if not raw.startswith(b"ply") or end < 0:
+        return  # read_ply names the problem
+    body = raw.index(b"\n", end) + 1 if b"\n" in raw[end:] else len(raw)
+    fmt, elements = None, []  # [name, count, record size or None (list properties)]
+    for line in raw[:end].decode("ascii", errors="replace").splitlines()[1:]:
+        tok = line.split()
+        if len(tok) >= 2 and tok[0] == "format":
+            fmt = tok[1]
+        elif len(tok) >= 3 and tok[0] == "element":
+            try:
+                elements.append([tok[1], int(tok[2]), 0])
+            except ValueError:
+                return  # read_ply names the line
+            if elements[-1][1] < 0:
+                raise DataError(f"{path}: PLY header: element {tok[1]!r} has a negative count {tok[2]}")
+        elif len(tok) >= 3 and tok[0] == "property" and elements:
+            size = _TYPE_SIZES.get(tok[1]) if tok[1] != "list" else None
+            elements[-1][2] = None if size is None or elements[-1][2] is None else elements[-1][2] + size
+    counts = ", ".join(f"'element {n} {c}'" for n, c, _ in elements)
+    if fmt == "ascii":
+        rows = len([ln for ln in raw[body:].split(b"\n") if ln.strip()])
+        total = sum(c for _, c, _ in elements)
+        if rows > total:  # fewer: read_ply names the missing values
+            raise DataError(f"{path}: the PLY header announces {counts} ({total} data lines) but the file holds "
+                            f"{rows} data lines; the rest would be dropped silently (a wrong count?)")
+    elif fmt in ("binary_little_endian", "binary_big_endian") and all(r is not None for _, _, r in elements):
+        expected = sum(c * r for _, c, r in elements)
+        have = len(raw) - body
+        if have > expected:  # fewer: read_ply names the truncation
+            vertex = next((e for e in elements if e[0] == "vertex"), None)
+            room = (f" (room for {have // vertex[2]} Gaussians)" if vertex is not None and len(elements) == 1
+                    and vertex[2] and have % vertex[2] == 0 else "")
+            raise DataError(f"{path}: the PLY header announces {counts} ({expected} bytes of data) but the file "
+                            f"holds {have} bytes{room}; the rest would be dropped silently (a wrong vertex count "
+                            "or property list?)")
+
+
 def gaussian_ply_property_names(sh_degree: int) -> list[str]:
     """The vertex property names, in file order, of a 3DGS `.ply` of the given SH degree (0-3)."""
     if sh_degree not in (0, 1, 2, 3):
@@ -125,6 +190,7 @@ def save_gaussian_ply(path: str | Path, means, quats, scales_log, opacities_logi
         DataError: a wrong shape (naming the argument), mismatched Gaussian counts, N = 0, or
             NaN/inf values (naming the argument and the first bad row). Nothing is written then.
     """
+    path = check_output_path(path, "Gaussian .ply")
     m, q, s, o, c0, cn = _check_inputs(means, quats, scales_log, opacities_logit, sh0, shN)
     n, km1 = m.shape[0], cn.shape[1]
     degree = {0: 0, 3: 1, 8: 2, 15: 3}[km1]
@@ -155,11 +221,17 @@ def load_gaussian_ply(path: str | Path) -> dict[str, torch.Tensor]:
         (`K - 1 = 0` for SH degree 0).
 
     Raises:
-        DataError: missing file, malformed or truncated PLY (expected vs actual byte count), missing
-            required properties (all named), an `f_rest_*` count that is not 0, 9, 24 or 45 or is not
-            numbered contiguously from 0, no Gaussians, or NaN/inf values (naming the property).
+        DataError: missing file, malformed or truncated PLY (expected vs actual byte count), a header
+            whose counts do not account for all the data (trailing bytes or lines), missing required
+            properties (all named), integer-typed parameters, an `f_rest_*` count that is not 0, 9, 24
+            or 45 or is not numbered contiguously from 0, no Gaussians, or NaN/inf values (naming the
+            property).
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; expected a 3D Gaussian splatting .ply file")
+    if path.is_file():
+        _check_extent(path)  # before read_ply, which reads only as many vertices as the header announces
     fields = read_ply(path, allow_nan=True)
     missing = [k for k in _REQUIRED if k not in fields]
     if missing:
@@ -177,6 +249,10 @@ def load_gaussian_ply(path: str | Path) -> dict[str, torch.Tensor]:
     if n == 0:
         raise DataError(f"{path}: the vertex element has 0 Gaussians")
     used = [*_REQUIRED, *(f"f_rest_{i}" for i in rest_idx)]
+    wrong = [f"{k} ({fields[k].dtype})" for k in used if fields[k].dtype.kind != "f"]
+    if wrong:  # integer parameters are not what any 3DGS writer stores: quantized, or another layout
+        raise DataError(f"{path}: vertex property(ies) {', '.join(wrong[:6])}{', ...' if len(wrong) > 6 else ''} "
+                        "are integers; a 3D Gaussian splatting PLY stores float (or double) parameters")
     for k in used:
         bad = ~np.isfinite(fields[k])
         if bad.any():

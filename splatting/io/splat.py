@@ -32,7 +32,7 @@ import torch
 
 from perception3d.errors import DataError
 from perception3d.io.atomic import atomic_write_bytes
-from splatting.io.gaussian_ply import _check_inputs
+from splatting.io.gaussian_ply import _check_inputs, check_output_path
 from splatting.sh import SH_C0
 
 __all__ = ["save_splat", "load_splat", "SPLAT_RECORD", "splat_importance"]
@@ -79,6 +79,7 @@ def save_splat(path: str | Path, means, quats, scales_log, opacities_logit, sh0)
         DataError: wrong shapes, N = 0, NaN/inf inputs, a zero quaternion, or a log scale whose
             `exp` overflows float32 (all naming the argument and the first bad row).
     """
+    path = check_output_path(path, ".splat")
     m, q, s, o, c0, _ = _check_inputs(means, quats, scales_log, opacities_logit, sh0)
     n = m.shape[0]
     qn64 = q.astype(np.float64)
@@ -120,16 +121,24 @@ def load_splat(path: str | Path) -> dict[str, torch.Tensor]:
         [0.5, 254.5] / 255), `sh0 [N, 1, 3]` (from the 8-bit colour). No `shN`.
 
     Raises:
-        DataError: missing or empty file, a size that is not a multiple of 32 bytes, NaN/inf
+        DataError: missing or empty file, a PLY / .cgs / checkpoint file named .splat, a size that is
+            not a multiple of 32 bytes, NaN/inf
             positions or scales, non-positive scales, or an all-zero quaternion (naming the first bad
             record).
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; expected an antimatter15 .splat file")
     if not path.is_file():
         raise DataError(f"{path}: .splat file not found")
     raw = path.read_bytes()
     if len(raw) == 0:
         raise DataError(f"{path}: empty .splat file (0 bytes), expected N x 32-byte records")
+    for magic, kind in ((b"ply\n", "a PLY file (load it with load_gaussian_ply)"), (b"ply\r\n", "a PLY file"),
+                        (b"P3D-CGS", "a Compact 3DGS .cgs file"),
+                        (b"PK\x03\x04", "a zip archive (a torch checkpoint?)"), (b"\x93NUMPY", "a .npy array")):
+        if raw.startswith(magic):  # a .splat has no header; these would be read as garbage Gaussians
+            raise DataError(f"{path}: this is {kind}, not an antimatter15 .splat file (headerless 32-byte records)")
     if len(raw) % SPLAT_RECORD.itemsize:
         raise DataError(f"{path}: size {len(raw)} bytes is not a multiple of {SPLAT_RECORD.itemsize} "
                         f"(one .splat record per Gaussian); the file is truncated or not a .splat file")

@@ -153,9 +153,8 @@ def test_image_size_mismatch(tmp_path):
     _png(tmp_path / "a.png", 40, 30)
     frames = [{"file_path": "a.png", "transform_matrix": _camera_at(1)}]
     _write(tmp_path, {"fl_x": 5.0, "w": 80, "h": 60, "frames": frames})
-    ds = SplatDataset(load_scene(tmp_path), "all")
-    with pytest.raises(DataError, match=r"a\.png: image is 40x30 px but its camera .* says 80x60"):
-        ds[0]
+    with pytest.raises(DataError, match=r"a\.png: image is 40x30 px but .*transforms\.json says w x h = 80x60"):
+        load_scene(tmp_path)  # on load (the image header), not when training reaches the image
 
 
 # ------------------------------------------------------------------------------------------------

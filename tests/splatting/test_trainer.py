@@ -34,8 +34,8 @@ def scene_root(tmp_path_factory) -> Path:
 def tiny_cfg(root: Path, *extra: str) -> SplatConfig:
     """60 steps on 80x60 views with densification from step 20 to 50 (no opacity reset: it would need
     more steps than this to recover from)."""
-    overrides = [f"data.root={root}", "train.max_steps=60", "train.ckpt_every=30", "train.eval_every=0",
-                 "train.log_every=10", "train.progress=false", "strategy.refine_start_iter=20",
+    overrides = [f"data.root={root}", "data.synthetic=null", "train.max_steps=60", "train.ckpt_every=30",
+                 "train.eval_every=0", "train.log_every=10", "train.progress=false", "strategy.refine_start_iter=20",
                  "strategy.refine_every=10", "strategy.refine_stop_iter=50", "strategy.reset_every=1000",
                  "model.sh_degree_interval=20", "eval.num_renders=1", *extra]
     return load_config(CONFIG, SplatConfig, overrides=overrides)
@@ -137,7 +137,7 @@ def test_splat_renders_like_the_model_within_quantisation(trained, tmp_path):
 
 def test_eval_cli_on_checkpoint_and_ply(trained, scene_root, tmp_path):
     cfg, out, result = trained
-    overrides = [f"data.root={scene_root}", "eval.num_renders=1"]
+    overrides = [f"data.root={scene_root}", "data.synthetic=null", "eval.num_renders=1"]
     sets = [a for o in overrides for a in ("--set", o)]
     for ckpt in (out, out / "point_cloud.ply"):
         run = subprocess.run([sys.executable, str(ROOT / "tools" / "eval.py"), "--config", str(CONFIG), "--ckpt",

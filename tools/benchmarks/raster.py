@@ -46,7 +46,7 @@ def load_scene() -> tuple[Gaussians, torch.Tensor, torch.Tensor, int, int, str]:
         W, H, source = 648, 420, "synthetic"
         viewmats = []
         for a in (0.0, 2.1, 4.2):
-            eye = torch.tensor([6 * np.cos(a), 6 * np.sin(a), 1.0])
+            eye = torch.tensor([6 * np.cos(a), 6 * np.sin(a), 1.0], dtype=torch.float32)  # np.cos: float64
             z = torch.nn.functional.normalize(-eye, dim=0)
             x = torch.nn.functional.normalize(torch.cross(z, torch.tensor([0.0, 0.0, 1.0]), dim=0), dim=0)
             y = torch.cross(z, x, dim=0)
@@ -65,8 +65,20 @@ def load_scene() -> tuple[Gaussians, torch.Tensor, torch.Tensor, int, int, str]:
     return gs, viewmats, Ks, W, H, source
 
 
-def run(repeats: int = 5) -> dict:
+def _shrink(gs: Gaussians, viewmats, Ks, W: int, H: int, n: int = 3_000, factor: int = 4):
+    """The quick mode's inputs: `n` of the Gaussians, images `factor` times smaller."""
+    keep = torch.randperm(len(gs), generator=torch.Generator().manual_seed(2))[:n]
+    gs = Gaussians(gs.means[keep], gs.quats[keep], gs.scales_log[keep], gs.opacities_logit[keep], gs.sh0[keep],
+                   gs.shN[keep])
+    Ks = Ks.clone()
+    Ks[:, :2] /= factor
+    return gs, viewmats, Ks, W // factor, H // factor
+
+
+def run(repeats: int = 5, quick: bool = False) -> dict:
     gs, viewmats, Ks, W, H, source = load_scene()
+    if quick:
+        gs, viewmats, Ks, W, H = _shrink(gs, viewmats, Ks, W, H)
     weights = torch.rand(len(viewmats), H, W, 3, generator=torch.Generator().manual_seed(1))
 
     def step(backend: str, backward: bool):
