@@ -318,7 +318,9 @@ def _build(cls: type, data: Mapping, prefix: str, ctx: _Ctx) -> Any:
         return cls(**kwargs)
     except (ConfigError, ValueError) as e:
         where = f"'{prefix}'" if prefix else "the config"
-        raise ctx.error(prefix, f"invalid {where} ({cls.__name__}): {e}") from None
+        # name where the offending key was set (an override, a _base_ file) when the message names it
+        named = [f"{pre}{k}" for k in data if re.search(rf"(?<![\w.]){re.escape(pre + k)}(?![\w])", str(e))]
+        raise ctx.error(named[0] if len(named) == 1 else prefix, f"invalid {where} ({cls.__name__}): {e}") from None
 
 
 def from_dict(cls: type[T], data: Mapping, source: str = "<dict>",

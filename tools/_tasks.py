@@ -4,7 +4,8 @@ Entries are lazy `module:attribute` strings so that `tools/train.py --help` and 
 import nothing heavy. A task module provides:
 
 * a frozen config dataclass with a `task: str` field and a `train: perception3d.engine.TrainConfig`;
-* `train(cfg, out_dir: Path, resume: bool) -> dict` (JSON-serialisable summary);
+* `train(cfg, out_dir: Path, resume: bool, on_start: Callable[[], None] | None) -> dict`
+  (JSON-serialisable summary; `on_start` is called once the run is set up, before its first step);
 * `evaluate(cfg, ckpt: Path, out_dir: Path) -> dict` (JSON-serialisable metrics).
 """
 from __future__ import annotations

@@ -18,7 +18,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from perception3d.config import load_config  # noqa: E402
-from perception3d.errors import ConfigError, DataError  # noqa: E402
+from perception3d.engine.run import RunFolder  # noqa: E402
+from perception3d.errors import Perception3DError  # noqa: E402
 from tools._tasks import get_task, task_name_of  # noqa: E402
 
 
@@ -50,12 +51,13 @@ def main(argv: list[str] | None = None) -> int:
         if found is None:
             ap.error(f"--ckpt {ckpt}: folder has no ckpt/latest.pt")
         ckpt = found
+    out_dir = Path(args.out) if args.out else Path("outputs") / config_path.stem / "eval"
     try:
         task = get_task(task_name_of(config_path, args.overrides))
         cfg = load_config(config_path, task.config_cls, args.overrides)
-        out_dir = Path(args.out) if args.out else Path("outputs") / config_path.stem / "eval"
-        result = task.evaluate(cfg, ckpt, out_dir)
-    except (ConfigError, DataError) as e:
+        with RunFolder(out_dir):  # one process writes OUT at a time
+            result = task.evaluate(cfg, ckpt, out_dir)
+    except Perception3DError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result, default=str))
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from perception3d.engine.numerics import flush_denormals
+    from perception3d.engine.numerics import flush_torch_workers
 
-    flush_denormals()  # before any torch work, so that every torch thread gets it (see numerics)
+    flush_torch_workers()  # before any torch work: torch's worker threads flush denormals (see numerics)
     sys.exit(main())

@@ -14,11 +14,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from perception3d.errors import Perception3DError  # noqa: E402
 from perception3d.synthetic.dataset import write_kitti_dataset  # noqa: E402
 from perception3d.synthetic.scene import SceneConfig  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, type=Path, help="output root (gets training/ and ImageSets/)")
     ap.add_argument("--frames", required=True, type=int, help="number of frames")
@@ -32,12 +33,17 @@ def main(argv: list[str] | None = None) -> None:
     if not 0.0 <= args.val_fraction <= 1.0:
         ap.error("--val-fraction must be in [0, 1]")
     t0 = time.perf_counter()
-    ids = write_kitti_dataset(args.out, args.frames, args.seed, SceneConfig(), split=args.split,
-                              val_fraction=args.val_fraction, workers=args.workers, progress=True)
+    try:
+        ids = write_kitti_dataset(args.out, args.frames, args.seed, SceneConfig(), split=args.split,
+                                  val_fraction=args.val_fraction, workers=args.workers, progress=True)
+    except Perception3DError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     dt = time.perf_counter() - t0
     print(f"wrote {len(ids)} frames to {args.out} in {dt:.1f} s ({dt / len(ids):.2f} s/frame, "
           f"{args.workers} worker(s))")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

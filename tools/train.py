@@ -6,6 +6,9 @@
 The config's `task:` selects the experiment (see tools/_tasks.py). The fully resolved config is
 saved to OUT/config.yaml; checkpoints go to OUT/ckpt, TensorBoard events to OUT/tb, the log to
 OUT/log.jsonl. The last line printed is the run's summary as one JSON object.
+
+One process owns OUT while it runs (a second one stops with an error). A folder holding an
+earlier run is continued only with --resume; bad input stops with exit code 2 and one error line.
 """
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from perception3d.config import config_to_dict, load_config, save_config  # noqa: E402
-from perception3d.errors import ConfigError, DataError  # noqa: E402
+from perception3d.engine.run import RunFolder  # noqa: E402
+from perception3d.errors import ConfigError, Perception3DError  # noqa: E402
 from tools._tasks import get_task, task_name_of  # noqa: E402
 
 
@@ -61,35 +65,45 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out_dir = Path(args.out) if args.out else Path("outputs") / config_path.stem
-    if int(os.environ.get("RANK", "0")) == 0:
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    run = RunFolder(out_dir, resume=args.resume)
+    from perception3d.engine import distributed
+
+    finished = False
+    try:
+        if is_main:
+            run.open()  # owned by this process until it ends; a new run never mixes with an old one
         saved = out_dir / "config.yaml"
-        if args.resume and saved.is_file():
+        if is_main and args.resume and saved.is_file():
             import yaml
 
             changed = _diff(yaml.safe_load(saved.read_text()) or {}, config_to_dict(cfg))
             if changed:
                 print("warning: resuming with a config that differs from the run's saved config.yaml:\n  "
                       + "\n  ".join(changed), file=sys.stderr)
-        save_config(cfg, saved)
-        print(f"[train] task {task.name}; config {config_path} -> {saved}", file=sys.stderr)
-    from perception3d.engine import distributed
 
-    finished = False
-    try:
-        result = task.train(cfg, out_dir, resume=args.resume)
+        def on_start() -> None:  # written once the run is set up: a failed resume leaves the old one
+            save_config(cfg, saved)
+            print(f"[train] task {task.name}; config {config_path} -> {saved}", file=sys.stderr)
+
+        result = task.train(cfg, out_dir, resume=args.resume, on_start=on_start if is_main else None)
         finished = True
-    except (ConfigError, DataError) as e:
+    except Perception3DError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; continue the run with: --resume --out {out_dir}", file=sys.stderr)
+        return 130
     finally:
         distributed.cleanup(barrier=finished)
-    if int(os.environ.get("RANK", "0")) == 0:
+        run.close()
+    if is_main:
         print(json.dumps(result, default=str))
     return 0
 
 
 if __name__ == "__main__":
-    from perception3d.engine.numerics import flush_denormals
+    from perception3d.engine.numerics import flush_torch_workers
 
-    flush_denormals()  # before any torch work, so that every torch thread gets it (see numerics)
+    flush_torch_workers()  # before any torch work: torch's worker threads flush denormals (see numerics)
     sys.exit(main())

@@ -6,7 +6,8 @@ Files under the run folder:
   losses and `lr`, `eval/<name>` for metrics.
 * `log.jsonl` - one JSON object per logged step: `{"step", "split", "time", <scalars>}`; `time` is
   seconds of training since step 0: a resumed run goes on from the time its checkpoint recorded
-  (`elapsed_s`), so the work lost after that checkpoint is not counted.
+  (`elapsed_s`), so the work lost after that checkpoint is not counted, and the records written
+  after that checkpoint by the interrupted process are dropped (each step is logged once).
 
 Other ranks get a `RunLogger(enabled=False)` that does nothing.
 """
@@ -19,6 +20,8 @@ import time
 import warnings
 from pathlib import Path
 from typing import Mapping
+
+from perception3d.io.atomic import atomic_write_text
 
 __all__ = ["RunLogger"]
 
@@ -57,6 +60,8 @@ class RunLogger:
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        if initial_step:
+            self._rewind_jsonl(initial_step, initial_elapsed_s)
         self._jsonl = open(self.out_dir / "log.jsonl", "a", buffering=1)
         self._want_tb = tensorboard
         if progress:
@@ -64,6 +69,23 @@ class RunLogger:
 
             self._bar = tqdm(total=total_steps, initial=initial_step, unit="it", dynamic_ncols=True,
                              file=sys.stderr, desc="train")
+
+    def _rewind_jsonl(self, step: int, elapsed_s: float) -> None:
+        """Drop the records of `log.jsonl` written after `step` (and messages after `elapsed_s`):
+        what a process killed after its last checkpoint logged, which the resumed run redoes."""
+        path = self.out_dir / "log.jsonl"
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by the kill
+                continue
+            if record.get("step", -1) <= step and (
+                    "step" in record or record.get("time", 0.0) <= elapsed_s):
+                kept.append(line)
+        atomic_write_text(path, "".join(k + "\n" for k in kept))
 
     def _open_tensorboard(self) -> None:
         """Open the writer at the first logged step; a resumed run purges events after its start step."""
@@ -85,6 +107,10 @@ class RunLogger:
         the run had reached after `elapsed_s` seconds."""
         self._last_step, self._last_time = step, time.perf_counter()
         self._t_start = self._last_time - elapsed_s
+        if step != self._start_step and self._jsonl is not None:
+            self._jsonl.close()
+            self._rewind_jsonl(step, elapsed_s)
+            self._jsonl = open(self.out_dir / "log.jsonl", "a", buffering=1)
         self._start_step = step
         if self._bar is not None:
             self._bar.n = self._bar.last_print_n = step

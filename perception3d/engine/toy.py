@@ -6,14 +6,14 @@ MLP with dropout on noisy samples of a fixed function, with random augmentation 
 global torch and NumPy generators (made reproducible by the engine's per-sample seeding). It is
 used by the engine's tests (exact resume, DDP, the command line) and shows what a task module
 provides: a config dataclass with `task`, `train: TrainConfig`, and
-`train(cfg, out_dir, resume) -> dict` / `evaluate(cfg, ckpt, out_dir) -> dict`.
+`train(cfg, out_dir, resume, on_start) -> dict` / `evaluate(cfg, ckpt, out_dir) -> dict`.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -126,11 +126,11 @@ def _metrics(model: nn.Module, val_set: ToyDataset) -> dict[str, float]:
     return {"val_mse": float(out["loss"]), "val_mae": float(out["mae"])}
 
 
-def train(cfg: ToyConfig, out_dir: str | Path, resume: bool = False) -> dict:
-    """Train the toy model; returns `fit`'s summary."""
+def train(cfg: ToyConfig, out_dir: str | Path, resume: bool = False, on_start: Callable[[], None] | None = None) -> dict:
+    """Train the toy model; returns `fit`'s summary (`on_start`: see `fit`)."""
     train_set, val_set, model = _build(cfg)
     return fit(model, train_set, collate, cfg.train, out_dir, evaluate_fn=lambda m, step: _metrics(m, val_set),
-               resume=resume, run_config=config_to_dict(cfg))
+               resume=resume, run_config=config_to_dict(cfg), on_start=on_start)
 
 
 def evaluate(cfg: ToyConfig, ckpt: str | Path, out_dir: str | Path) -> dict:

@@ -41,6 +41,7 @@ from perception3d.engine.checkpoint import FORMAT_VERSION, CheckpointManager, lo
 from perception3d.engine.data import (ShardedBatchSampler, build_loader, derive_seed, fork_rng, get_rng_state,
                                       move_to_device, seed_everything)
 from perception3d.engine.logger import RunLogger
+from perception3d.engine.numerics import denormals_flushed
 from perception3d.engine.optim import build_optimizer, build_scheduler
 from perception3d.errors import ConfigError
 
@@ -157,11 +158,14 @@ class Trainer:
         run_config: the whole task config as a plain dict, stored in every checkpoint (default: `cfg`).
         on_step_end: called on every rank after each optimizer step with `(step, scalars)`;
             `scalars` holds the step's (un-averaged, this-rank) values. Exceptions propagate.
+        on_start: called once on rank 0 when the run is set up (after a resume loaded its
+            checkpoint), before the first step; `tools/train.py` writes the run's `config.yaml` there,
+            so that a resume that fails leaves the run's files as they were.
     """
 
     def __init__(self, model: torch.nn.Module, train_set: Dataset, collate_fn: Callable | None, cfg: TrainConfig,
                  out_dir: str | Path, evaluate_fn: EvaluateFn | None = None, run_config: Mapping | None = None,
-                 on_step_end: StepCallback | None = None):
+                 on_step_end: StepCallback | None = None, on_start: Callable[[], None] | None = None):
         if not isinstance(cfg, TrainConfig):
             raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
         self.cfg = cfg
@@ -170,6 +174,7 @@ class Trainer:
         self.collate_fn = collate_fn
         self.evaluate_fn = evaluate_fn
         self.on_step_end = on_step_end
+        self.on_start = on_start
         self.run_config = dict(run_config) if run_config is not None else {"train": dataclasses.asdict(cfg)}
         self.info = dist_utils.init_distributed(cfg.device)
         self.model = model.to(self.info.device)
@@ -289,6 +294,8 @@ class Trainer:
                 logger.message(f"[train] {self.ckpts.dir} already holds checkpoints; training from scratch "
                                "(pass resume=True / --resume to continue instead)")
             logger.set_step(self.step, self.elapsed_s)
+            if self.on_start is not None and info.is_main:
+                self.on_start()
             if info.world_size > 1:
                 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -301,6 +308,26 @@ class Trainer:
             logger.close()
         return {"step": self.step, "train": self.last_train, "eval": self.metrics,
                 "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None}
+
+    def _step(self, model: torch.nn.Module, batch: Any, params: list, epoch: int) -> dict[str, torch.Tensor]:
+        """Forward, backward and optimizer step on one batch; the step's scalars."""
+        cfg = self.cfg
+        with torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            out = model(batch)
+        loss, scalars = _scalars(out, self.step + 1)
+        if not torch.isfinite(loss.detach()).item():
+            raise FloatingPointError(
+                f"non-finite loss ({loss.item()}) at step {self.step + 1} (epoch {epoch}); weights were "
+                f"not updated. Last checkpoint: {self.last_checkpoint or 'none'}. Lower train.lr, set "
+                f"train.grad_clip, or check the batch")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip is not None:
+            scalars["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).detach().float()
+        scalars["lr"] = torch.tensor(self.optimizer.param_groups[0]["lr"])
+        self.optimizer.step()
+        self.scheduler.step()
+        return scalars
 
     def _loop(self, logger: RunLogger) -> None:
         cfg, info = self.cfg, self.info
@@ -317,21 +344,9 @@ class Trainer:
                                   info.world_size, skip, cfg.num_workers, pin_memory=info.device.type == "cuda")
             for batch in loader:
                 batch = move_to_device(batch, info.device)
-                with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                    out = model(batch)
-                loss, scalars = _scalars(out, self.step + 1)
-                if not torch.isfinite(loss.detach()).item():
-                    raise FloatingPointError(
-                        f"non-finite loss ({loss.item()}) at step {self.step + 1} (epoch {epoch}); weights were "
-                        f"not updated. Last checkpoint: {self.last_checkpoint or 'none'}. Lower train.lr, set "
-                        f"train.grad_clip, or check the batch")
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip is not None:
-                    scalars["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).detach().float()
-                scalars["lr"] = torch.tensor(self.optimizer.param_groups[0]["lr"])
-                self.optimizer.step()
-                self.scheduler.step()
+                # denormal floats flushed on this thread for the step's torch work only (numerics.py)
+                with denormals_flushed(info.device.type == "cpu"):
+                    scalars = self._step(model, batch, params, epoch)
                 self.step += 1
                 for k, v in scalars.items():
                     window[k].append(v)
@@ -357,7 +372,8 @@ class Trainer:
 
 def fit(model: torch.nn.Module, train_set: Dataset, collate_fn: Callable | None, cfg: TrainConfig,
         out_dir: str | Path, evaluate_fn: EvaluateFn | None = None, resume: bool = False, *,
-        run_config: Mapping | None = None, on_step_end: StepCallback | None = None) -> dict:
+        run_config: Mapping | None = None, on_step_end: StepCallback | None = None,
+        on_start: Callable[[], None] | None = None) -> dict:
     """Train `model` on `train_set` (see the module docstring for the contract).
 
     Args:
@@ -371,9 +387,10 @@ def fit(model: torch.nn.Module, train_set: Dataset, collate_fn: Callable | None,
             uninterrupted run).
         run_config: the task's whole config as a plain dict, stored in checkpoints.
         on_step_end: `(step, scalars)` callback after every optimizer step.
+        on_start: called on rank 0 once the run is set up, before the first step (see `Trainer`).
 
     Returns:
         `{"step": int, "train": {scalar: value}, "eval": {metric: value}, "checkpoint": path}`.
     """
-    trainer = Trainer(model, train_set, collate_fn, cfg, out_dir, evaluate_fn, run_config, on_step_end)
+    trainer = Trainer(model, train_set, collate_fn, cfg, out_dir, evaluate_fn, run_config, on_step_end, on_start)
     return trainer.fit(resume=resume)

@@ -313,34 +313,57 @@ def test_move_to_device_nested():
 # denormal floats
 # --------------------------------------------------------------------------------------------
 
-# In a fresh process on two torch threads: largest-denormal floats (made from their bits, no float
-# arithmetic) times 1, and how many products stay denormal (integer compare: the flags change float
-# compares). "late" runs a parallel op (which starts the thread pool) before flush_denormals().
+# In a fresh process on two torch threads, as the command-line tools start: largest-denormal floats
+# (made from their bits) times 1, and how many products stay denormal (integer compare: the flags
+# change float compares), outside and inside `denormals_flushed`; then a toy training through
+# `fit` (which flushes around its steps) and scipy's cKDTree on points sharing a coordinate, which
+# crashes (segmentation fault) when the calling thread flushes. "late" starts the pool first.
 DENORMAL_PROBE = """
 import sys, numpy as np, torch
 torch.set_num_threads(2)
 x = torch.from_numpy(np.full(1 << 21, 0x007FFFFF, dtype=np.uint32).view(np.float32))
 if sys.argv[1] == "late":
     torch.ones(1 << 21).mul(2.0)
-from perception3d.engine import flush_denormals
-ok = flush_denormals()
-print(ok, int(((x * 1.0).view(torch.int32) != 0).sum()))
+from perception3d.engine import denormals_flushed, flush_torch_workers
+from perception3d.engine.numerics import thread_flushes_denormals
+ok = flush_torch_workers()
+left = lambda: int(((x * 1.0).view(torch.int32) != 0).sum())
+outside = left()
+with denormals_flushed():
+    inside, flushing = left(), thread_flushes_denormals()
+after = thread_flushes_denormals()
+
+import tempfile
+from perception3d.engine.toy import ToyConfig, train
+from perception3d.config import from_dict
+cfg = from_dict(ToyConfig, {"task": "toy", "train": {"max_steps": 2, "batch_size": 8, "device": "cpu",
+                                                   "progress": False}})
+with tempfile.TemporaryDirectory() as out:
+    train(cfg, out)
+from scipy.spatial import cKDTree
+p = np.random.default_rng(0).uniform(-1, 1, (1000, 3))
+p[:600, 2] = 0.0  # a ground plane
+cKDTree(p).query(p, k=4)
+print(ok, outside, inside, flushing, after, thread_flushes_denormals())
 """
 
 
 @pytest.mark.parametrize("when", ["early", "late"])
-def test_flush_denormals_reaches_every_thread_only_before_the_pool(when):
+def test_denormals_flushed_only_on_torch_workers_and_inside_the_scope(when):
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("flushing denormals (FTZ/DAZ) is an x86 feature")
     env = dict(os.environ, PYTHONPATH=str(REPO))
     out = subprocess.run([sys.executable, "-c", DENORMAL_PROBE, when], env=env, capture_output=True, text=True,
                          timeout=120)
-    assert out.returncode == 0, out.stderr
-    ok, left = out.stdout.split()
-    if when == "early":  # every thread flushes: no denormal product left
-        assert (ok, left) == ("True", "0")
-    else:  # the worker thread started without the flags: its share of the products stays denormal
-        assert ok == "False" and 0 < int(left) < 1 << 21
+    assert out.returncode == 0, f"exit {out.returncode}: {out.stderr}"  # -11: cKDTree crashed
+    ok, outside, inside, flushing, after, end = out.stdout.split()
+    n = 1 << 21
+    # the calling thread never keeps the flags: not after setup, the scope, or a training through fit
+    assert (flushing, after, end) == ("True", "False", "False")
+    if when == "early":  # the worker flushes; the calling thread only inside the scope
+        assert ok == "True" and 0 < int(outside) < n and inside == "0"
+    else:  # the worker started without the flags: its share stays denormal even inside the scope
+        assert ok == "False" and int(outside) == n and 0 < int(inside) < n
         assert "called after torch's thread pool started" in out.stderr
 
 

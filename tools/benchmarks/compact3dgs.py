@@ -10,7 +10,7 @@ held-out metrics:
   uint8 indices: "without post-processing"); ``mb_compact_post``: the post-processed file;
 * ``gaussians_*``: Gaussians kept; ``fps_*``: held-out rendering speed (views per second).
 
-``repeats`` is ignored: each training runs once (minutes).
+``repeats`` is ignored: each training runs once (minutes). ``quick``: 30 steps on a tiny scene.
 """
 from __future__ import annotations
 
@@ -26,17 +26,24 @@ from splatting.config import SplatConfig
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _train(name: str, out: Path) -> dict:
+# a tiny scene and schedule, to check the benchmark end to end in seconds
+QUICK = ["data.synthetic.num_views=8", "data.synthetic.width=40", "data.synthetic.height=30",
+         "data.synthetic.num_points=300", "train.max_steps=30", "strategy.refine_start_iter=10",
+         "strategy.refine_stop_iter=25", "strategy.refine_every=10"]
+
+
+def _train(name: str, out: Path, overrides: list[str]) -> dict:
     cfg = load_config(ROOT / "configs" / "splatting" / name, SplatConfig,
-                      overrides=["train.progress=false", "eval.num_renders=0"])
+                      overrides=["train.progress=false", "eval.num_renders=0", *overrides])
     return trainer.train(cfg, out)["metrics"]
 
 
-def run(repeats: int = 1) -> dict:
+def run(repeats: int = 1, quick: bool = False) -> dict:
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
-        v = _train("3dgs_quickstart.yaml", Path(tmp) / "vanilla")
-        c = _train("compact3dgs_quickstart.yaml", Path(tmp) / "compact")
+        overrides = [*QUICK, f"data.root={Path(tmp) / 'scene'}"] if quick else []
+        v = _train("3dgs_quickstart.yaml", Path(tmp) / "vanilla", overrides)
+        c = _train("compact3dgs_quickstart.yaml", Path(tmp) / "compact", overrides)
     return {
         "psnr_vanilla": round(v["psnr"], 3),
         "psnr_compact": round(c["psnr"], 3),

@@ -30,6 +30,7 @@ from detection.data import DetectionSample, frame_targets
 from detection.models.detector import CenterPointDetector
 from detection.structures import DetectionBatch, collate
 from perception3d.config import load_config
+from perception3d.engine.numerics import denormals_flushed
 from perception3d.synthetic import generate_frame
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,9 +41,9 @@ CONFIGS = {"dsvt": "dsvt_fine_bev04_reg1_synthetic.yaml", "second": "second_reg1
 _frame = functools.lru_cache(maxsize=None)(generate_frame)  # both models see the same frames
 
 
-def _batch(pc_range, first_seed: int = 0) -> DetectionBatch:
+def _batch(pc_range, first_seed: int = 0, size: int = 4) -> DetectionBatch:
     samples = []
-    for seed in range(first_seed, first_seed + 4):
+    for seed in range(first_seed, first_seed + size):
         frame = _frame(seed)
         pts = np.asarray(frame.points_lidar, np.float32)
         boxes, labels, _ = frame_targets(frame)
@@ -60,18 +61,19 @@ def _step_ms(model, opt, batches: list[DetectionBatch], bf16: bool, repeats: int
     for i in range(repeats + 2):
         batch = batches[i % len(batches)]
         t = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with denormals_flushed(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # as engine.fit
             loss = model(batch)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
         if i >= 2:
             times.append(time.perf_counter() - t)
     return round(statistics.median(times) * 1e3, 1)
 
 
-def run(repeats: int = 5) -> dict:
+def run(repeats: int = 5, quick: bool = False) -> dict:
     torch.set_num_threads(THREADS)
+    size = 1 if quick else 4
     try:
         amx = "amx_bf16" in Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -79,17 +81,17 @@ def run(repeats: int = 5) -> dict:
     result: dict = {}
     for name, config in CONFIGS.items():
         cfg = load_config(ROOT / "configs" / "detection" / config, DetectionConfig)
-        batch = _batch(cfg.model.pc_range_m)
+        batch = _batch(cfg.model.pc_range_m, 0, size)
         for precision in ("fp32", "bf16"):
             torch.manual_seed(0)
             model = CenterPointDetector(cfg.model).train()
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
             result[f"ms_{name}_{precision}"] = _step_ms(model, opt, [batch], precision == "bf16", repeats)
-        new_batches = [_batch(cfg.model.pc_range_m, 4 * (i + 1)) for i in range(repeats + 2)]
+        new_batches = [_batch(cfg.model.pc_range_m, size * (i + 1), size) for i in range(repeats + 2)]
         result[f"ms_{name}_bf16_new_batches"] = _step_ms(model, opt, new_batches, True, repeats)
         with torch.no_grad():
             result[f"voxels_{name}"] = model.voxelize(batch).num_voxels
     result["speedup_dsvt_bf16"] = round(result["ms_dsvt_fp32"] / result["ms_dsvt_bf16"], 2)
     result["speedup_second_bf16"] = round(result["ms_second_fp32"] / result["ms_second_bf16"], 2)
-    result.update(batch_size=4, threads=THREADS, cpu_amx_bf16=amx)
+    result.update(batch_size=size, threads=THREADS, cpu_amx_bf16=amx)
     return result

@@ -63,9 +63,10 @@ def _waymo_ms(num_pillars: int, repeats: int) -> float:
 
 
 @torch.no_grad()
-def run(repeats: int = 5) -> dict:
+def run(repeats: int = 5, quick: bool = False) -> dict:
     import onnxruntime as ort
 
+    waymo = (1_000, 2_000) if quick else (10_000, 20_000)
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
     dsvt, second = _model("dsvt_synthetic.yaml"), _model("second_synthetic.yaml")
@@ -101,7 +102,8 @@ def run(repeats: int = 5) -> dict:
         "ms_spconv_baseline": ms_second,
         "ms_dsvt_onnxruntime": ms_ort,
         "onnx_max_abs_err": err,
-        "ms_waymo_pillar_10k": _waymo_ms(10_000, repeats),
-        "ms_waymo_pillar_20k": _waymo_ms(20_000, repeats),
+        "waymo_pillars": list(waymo),
+        "ms_waymo_pillar_10k": _waymo_ms(waymo[0], repeats),
+        "ms_waymo_pillar_20k": _waymo_ms(waymo[1], repeats),
         "threads": THREADS,
     }

@@ -25,21 +25,24 @@ MODES = (("RGB", "classic"), ("RGB+ED", "classic"), ("RGB+D", "antialiased"))
 GRADS = ("means", "quats", "scales", "opacities", "sh0", "shN")
 
 
-def _load_scene():
+def _raster_module():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bench_raster", Path(__file__).with_name("raster.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.load_scene()
+    return mod
 
 
-def run(repeats: int = 5) -> dict:
+def run(repeats: int = 5, quick: bool = False) -> dict:
     if not has_gsplat_cuda():
         raise DataError("bench gsplat_parity: needs a CUDA GPU and the gsplat package (this machine has "
                         f"torch.cuda.is_available()={torch.cuda.is_available()})")
     cuda = torch.device("cuda")  # gsplat's side of the comparison
-    gs, viewmats, Ks, W, H, source = _load_scene()
+    raster = _raster_module()
+    gs, viewmats, Ks, W, H, source = raster.load_scene()
+    if quick:
+        gs, viewmats, Ks, W, H = raster._shrink(gs, viewmats, Ks, W, H)
     weights = torch.rand(len(viewmats), H, W, 3, generator=torch.Generator().manual_seed(1))
     base = (gs.means, gs.quats, gs.scales_log, gs.opacities_logit, gs.sh0, gs.shN)
 

@@ -66,10 +66,10 @@ def dense_check(threads: int) -> float:
     return err
 
 
-def run(repeats: int = 5) -> dict:
+def run(repeats: int = 5, quick: bool = False) -> dict:
     threads = 2
     torch.manual_seed(0)
-    sv = make_input()
+    sv = make_input(1_500 if quick else 20_000)
     net = SparseBackbone3D(sv.num_channels, GRID).train()
 
     def step(n_threads: int):

@@ -47,10 +47,10 @@ def synthetic_scan(n_points: int = 120_000, seed: int = 0) -> torch.Tensor:
     return torch.stack([x, y, z, inten], dim=1).contiguous()
 
 
-def run(repeats: int = 5) -> dict:
+def run(repeats: int = 5, quick: bool = False) -> dict:
     import open3d.ml.torch as ml3d  # optional dependency: only here
 
-    pts = synthetic_scan()
+    pts = synthetic_scan(5_000 if quick else 120_000)
     xyz = pts[:, :3].contiguous()
     row_splits = torch.tensor([0, pts.shape[0]], dtype=torch.int64)
     vs = torch.tensor(VOXEL_SIZE_M, dtype=torch.float32)

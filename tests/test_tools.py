@@ -1,0 +1,209 @@
+"""CI runs what users run: the README's main-job commands, `tools/eval.py` on what they wrote, every
+`tools/bench.py NAME --quick`, and the run-folder guarantees of `tools/train.py`, each as a
+subprocess from the repository root, exactly as typed, with tiny settings added through `--set`.
+
+A crash, a traceback, a non-zero exit or a missing output fails the test.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+KITTI = REPO.parent / "shared" / "data" / "kitti"
+sys.path.insert(0, str(REPO))
+from tools.bench import available as available_benchmarks  # noqa: E402
+
+sys.path.remove(str(REPO))
+
+# tiny settings for the README's two training commands (each half: a generated dataset, a few steps)
+TINY = {
+    "configs/quickstart.yaml": [
+        "data.synthetic.frames=5", "data.synthetic.val_fraction=0.4", "train.max_steps=3", "train.batch_size=2",
+        "train.ckpt_every=2", "train.progress=false", "eval.num_pictures=1"],
+    "configs/splatting/3dgs_quickstart.yaml": [
+        "data.synthetic.num_views=8", "data.synthetic.width=40", "data.synthetic.height=30",
+        "data.synthetic.num_points=300", "train.max_steps=30", "strategy.refine_start_iter=10",
+        "strategy.refine_stop_iter=25", "strategy.refine_every=10", "train.progress=false", "eval.num_renders=2"],
+}
+
+
+def run(cmd: list[str], timeout: float = 600, **kw) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, **kw)
+    assert "Traceback" not in r.stderr, f"{shlex.join(cmd)}\n{r.stderr}"
+    return r
+
+
+def ok(cmd: list[str], timeout: float = 600) -> dict:
+    """Run `cmd`; it must exit 0 and print one JSON object as its last line, which is returned."""
+    r = run(cmd, timeout)
+    assert r.returncode == 0, f"{shlex.join(cmd)} exited {r.returncode}\n{r.stderr[-3000:]}"
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main_job_commands() -> list[list[str]]:
+    """The training commands of the README's main job (its first bash block, after the install)."""
+    block = re.search(r"```bash\n(.*?)```", README.read_text(), flags=re.S).group(1)
+    commands = [shlex.split(c) for c in block.strip().split("&&")]
+    assert commands[0] == ["bash", "scripts/install.sh"], commands[0]
+    return commands[1:]
+
+
+def test_readme_main_job_is_two_trainings():
+    cmds = main_job_commands()
+    assert [c[:3] for c in cmds] == [["python3", "tools/train.py", "--config"]] * 2
+    assert [c[3] for c in cmds] == list(TINY)
+
+
+@pytest.mark.parametrize("config", list(TINY), ids=["detection", "splatting"])
+def test_readme_main_job_then_eval(config, tmp_path):
+    cmd = next(c for c in main_job_commands() if c[3] == config)
+    out, data = tmp_path / "run", tmp_path / "data"
+    tiny = [a for s in [*TINY[config], f"data.root={data}"] for a in ("--set", s)]
+    summary = ok([sys.executable, *cmd[1:], *tiny, "--out", str(out)])
+
+    assert (out / "config.yaml").is_file() and (out / "log.jsonl").is_file()
+    assert (out / "ckpt" / "latest.pt").is_file()
+    assert not (out / ".lock").exists(), "the run folder's lock file outlived the run"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == json.loads(json.dumps(summary))
+    steps = [json.loads(line).get("step") for line in (out / "log.jsonl").read_text().splitlines()]
+    if "splatting" in config:
+        m = metrics["metrics"]
+        assert m["views"] >= 1 and 5 < m["psnr"] < 60 and m["num_gaussians"] > 0
+        assert (out / "point_cloud.ply").stat().st_size > 1000
+        assert list((out / "renders").rglob("*.png"))
+        assert steps[-1] == 30
+    else:
+        m = metrics["metrics"]
+        assert metrics["val_frames"] == 2
+        assert 0 <= m["Car/bev_R40/moderate"] <= 100 and 0 <= m["nuscenes/mAP"] <= 100
+        assert all(Path(p).is_file() for p in metrics["pictures"]) and metrics["pictures"]
+        assert len(list((out / "predictions").glob("*.txt"))) == 2
+        if KITTI.is_dir():  # the real KITTI frame is drawn too
+            assert any("real_kitti_000008" in p for p in metrics["pictures"])
+        assert metrics["train"]["step"] == 3
+
+    # tools/eval.py on what the run wrote, with the config it saved
+    ev = tmp_path / "eval"
+    result = ok([sys.executable, "tools/eval.py", "--config", str(out / "config.yaml"), "--ckpt", str(out),
+                 "--out", str(ev)])
+    written = json.loads((ev / "metrics.json").read_text())
+    assert written == json.loads(json.dumps(result))
+    if "splatting" in config:
+        # the checkpoint holds the final Gaussians: the same held-out PSNR as the run's own evaluation
+        assert written["metrics"]["psnr"] == pytest.approx(metrics["metrics"]["psnr"], abs=1e-3)
+    else:
+        assert written["metrics"]["Car/3d_R40/moderate"] == metrics["metrics"]["Car/3d_R40/moderate"]
+        # tools/compare_runs.py on the two evaluations of the same model: the same numbers, drawn
+        pic = tmp_path / "compare.png"
+        table = ok([sys.executable, "tools/compare_runs.py", "--out", str(pic), f"train={out}", f"eval={ev}"])
+        assert [r["ap"] for r in table["runs"]] == [m["Car/3d_R40/moderate"]] * 2
+        assert pic.stat().st_size > 1000
+
+
+def test_make_synthetic(tmp_path):
+    out = tmp_path / "kitti"
+    r = run([sys.executable, "tools/make_synthetic.py", "--out", str(out), "--frames", "2", "--seed", "3",
+             "--val-fraction", "0.5"])
+    assert r.returncode == 0, r.stderr
+    assert "wrote 2 frames" in r.stdout
+    for sub, ext in (("velodyne", "bin"), ("calib", "txt"), ("label_2", "txt"), ("image_2", "png")):
+        assert len(list((out / "training" / sub).glob(f"*.{ext}"))) == 2, sub
+    assert (out / "ImageSets" / "train.txt").read_text().split() == ["000000"]
+    assert (out / "ImageSets" / "val.txt").read_text().split() == ["000001"]
+
+
+@pytest.mark.parametrize("name", available_benchmarks())
+def test_bench_quick(name):
+    cmd = [sys.executable, "tools/bench.py", name, "--quick"]
+    if name == "gsplat_parity":
+        import torch
+
+        if not torch.cuda.is_available():  # a clear error, not a crash
+            r = run(cmd)
+            assert r.returncode == 2 and "needs a CUDA GPU" in r.stderr, r.stderr
+            return
+    result = ok(cmd)
+    assert result["quick"] is True
+    timings = {k: v for k, v in result.items() if k.startswith(("ms_", "fps_")) and v is not None}
+    assert timings and all(v > 0 for v in timings.values()), result
+    checks = {  # each benchmark's own agreement check, on the quick inputs
+        "sparse_conv": lambda r: r["max_abs_err_vs_dense"] < 1e-4,
+        "voxelize": lambda r: r["same_voxels"] and r["voxels_ours"] > 0,
+        "dsvt": lambda r: r["onnx_max_abs_err"] < 1e-4,
+        "raster": lambda r: r["max_abs_err"] < 1e-3 and r["max_rel_err_grads"] < 1e-3,
+        "compact3dgs": lambda r: r["psnr_vanilla"] > 10 and r["psnr_compact"] > 10 and r["mb_compact_post"] > 0,
+        "train_step": lambda r: r["gaussians"] == 2000,
+        "detection_train_step": lambda r: r["voxels_dsvt"] > 0 and r["voxels_second"] > 0,
+    }
+    assert checks[name](result), result
+
+
+# --------------------------------------------------------------------------------------------
+# run folders: one owner, no mixing, no leftovers, exact logs after a resume
+# --------------------------------------------------------------------------------------------
+
+TOY = """task: toy
+data: {num_samples: 24}
+train: {max_steps: %d, batch_size: 8, lr: 0.01, log_every: 1, ckpt_every: 2, device: cpu, progress: false}
+"""
+
+
+def toy_train(cfg: Path, out: Path, *extra: str, **kw):
+    cmd = [sys.executable, "tools/train.py", "--config", str(cfg), "--out", str(out), *extra]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_two_processes_never_share_a_run_folder_and_a_kill_leaves_no_stale_lock(tmp_path):
+    cfg = tmp_path / "toy.yaml"
+    cfg.write_text(TOY % 100_000)
+    out = tmp_path / "run"
+    first = toy_train(cfg, out)
+    try:
+        deadline = time.time() + 120
+        while not (out / "ckpt" / "latest.pt").exists():  # the first run is training
+            assert first.poll() is None and time.time() < deadline, first.communicate()
+            time.sleep(0.2)
+        second = run([sys.executable, "tools/train.py", "--config", str(cfg), "--out", str(out), "--resume"])
+        assert second.returncode == 2
+        assert f"another process (pid {first.pid}) is writing this folder" in second.stderr, second.stderr
+        ev = run([sys.executable, "tools/eval.py", "--config", str(cfg), "--ckpt", str(out), "--out", str(out)])
+        assert ev.returncode == 2 and "another process" in ev.stderr
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.communicate()
+    # killed mid-run: its lock went with it, and a leftover temporary checkpoint is cleaned up
+    leftover = out / "ckpt" / ".step_00000099.pt.12345.0badcafe.tmp.pt"
+    leftover.write_bytes(b"partial")
+    cfg.write_text(TOY % 6)
+    r = run([sys.executable, "tools/train.py", "--config", str(cfg), "--out", str(out), "--resume"])
+    assert r.returncode == 0, r.stderr
+    assert not leftover.exists() and not (out / ".lock").exists()
+
+
+def test_resume_logs_each_step_once(tmp_path):
+    cfg = tmp_path / "toy.yaml"
+    cfg.write_text(TOY % 6)
+    out = tmp_path / "run"
+    ok([sys.executable, "tools/train.py", "--config", str(cfg), "--out", str(out)])
+    # as if the process had been killed after logging steps 5-6 but before their checkpoint
+    ckpt = out / "ckpt"
+    (ckpt / "latest.pt").unlink()
+    (ckpt / "step_00000006.pt").unlink()
+    (ckpt / "latest.pt").symlink_to("step_00000004.pt")
+    (out / "metrics.json").unlink(missing_ok=True)
+    ok([sys.executable, "tools/train.py", "--config", str(cfg), "--out", str(out), "--resume"])
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in records if r.get("split") == "train"]
+    assert train_steps == [1, 2, 3, 4, 5, 6]
