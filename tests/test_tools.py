@@ -7,7 +7,6 @@ A crash, a traceback, a non-zero exit or a missing output fails the test.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import signal

@@ -23,8 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -32,7 +30,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from perception3d.errors import ConfigError, DataError
-from perception3d.io.atomic import atomic_write_text, fsync_dir
+from perception3d.io.atomic import atomic_folder, atomic_write_text
 from perception3d.io.kitti import KittiLabels, lidar_boxes_to_camera, write_label
 from perception3d.io.pointcloud import write_kitti_bin
 from perception3d.synthetic.camera import CameraRender, render_camera
@@ -273,7 +271,7 @@ def write_kitti_dataset(root: str | Path, num_frames: int, seed: int, cfg: Scene
                         val_fraction: float = 0.2, workers: int = 1, progress: bool = False) -> list[str]:
     """Generate `num_frames` frames into the KITTI layout under `root`.
 
-    The frames are written to a temporary folder beside `root` (`.NAME.partial-PID`) that is
+    The frames are written to a temporary folder beside `root` (`perception3d.io.atomic_folder`) that is
     renamed to `root` once complete, with `root/synthetic.json` recording the settings
     (`dataset_settings`). Where `root` already holds a dataset with the same settings (another
     call, or another process that finished first) it is kept as it is.
@@ -305,36 +303,27 @@ def write_kitti_dataset(root: str | Path, num_frames: int, seed: int, cfg: Scene
     wanted = dataset_settings(num_frames, seed, cfg, split, image_sets, val_fraction)
     if _existing_dataset_matches(root, wanted):
         return ids
-    tmp = root.parent / f".{root.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed earlier process of the same id
     try:
-        split_dir = tmp / split
-        split_dir.mkdir(parents=True)
-        jobs = [(split_dir, int(seed), i, cfg) for i in range(num_frames)]
-        if workers > 1 and num_frames > 1:
-            import multiprocessing as mp
+        with atomic_folder(root) as tmp:
+            split_dir = tmp / split
+            split_dir.mkdir(parents=True)
+            jobs = [(split_dir, int(seed), i, cfg) for i in range(num_frames)]
+            if workers > 1 and num_frames > 1:
+                import multiprocessing as mp
 
-            with mp.get_context("spawn").Pool(workers) as pool:
-                list(_progress(pool.imap(_job, jobs), num_frames, progress))
-        else:
-            list(_progress(map(_job, jobs), num_frames, progress))
-        if image_sets is None:
-            n_train, _ = split_sizes(num_frames, val_fraction)
-            image_sets = {"train": range(n_train), "val": range(n_train, num_frames)}
-        (tmp / "ImageSets").mkdir()
-        for name, idx in image_sets.items():
-            atomic_write_text(tmp / "ImageSets" / f"{name}.txt", "".join(f"{int(i):06d}\n" for i in idx))
-        atomic_write_text(tmp / RECORD_NAME, json.dumps(wanted, indent=2) + "\n")
-        try:
-            os.rename(tmp, root)  # replaces an empty folder; fails where another process was first
-        except OSError:
-            if not root.is_dir():
-                raise
-            _existing_dataset_matches(root, wanted, meanwhile=True)  # raises unless the same settings
-        else:
-            fsync_dir(root.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+                with mp.get_context("spawn").Pool(workers) as pool:
+                    list(_progress(pool.imap(_job, jobs), num_frames, progress))
+            else:
+                list(_progress(map(_job, jobs), num_frames, progress))
+            if image_sets is None:
+                n_train, _ = split_sizes(num_frames, val_fraction)
+                image_sets = {"train": range(n_train), "val": range(n_train, num_frames)}
+            (tmp / "ImageSets").mkdir()
+            for name, idx in image_sets.items():
+                atomic_write_text(tmp / "ImageSets" / f"{name}.txt", "".join(f"{int(i):06d}\n" for i in idx))
+            atomic_write_text(tmp / RECORD_NAME, json.dumps(wanted, indent=2) + "\n")
+    except FileExistsError:  # another process was first
+        _existing_dataset_matches(root, wanted, meanwhile=True)  # raises unless the same settings
     return ids
 
 

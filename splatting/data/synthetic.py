@@ -28,9 +28,6 @@ from __future__ import annotations
 import colorsys
 import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -39,6 +36,7 @@ import numba
 import numpy as np
 
 from perception3d.errors import DataError
+from perception3d.io.atomic import atomic_folder
 from perception3d.synthetic.raycast import slab_intersect
 from splatting.data.colmap import write_colmap_text
 from splatting.data.scene import CameraFrame
@@ -600,7 +598,7 @@ def write_synthetic_scene(root: str | Path, seed: int = 0, num_views: int = 40, 
                           background_rgb: Sequence[float] = (1.0, 1.0, 1.0), exist_ok: bool = False) -> Path:
     """Generate a synthetic scene and write it as transforms.json + COLMAP text (see the module docstring).
 
-    Writing goes into a temporary sibling folder of its own (`.<name>.<pid>.<random>.partial`),
+    Writing goes into a temporary sibling folder of its own (`perception3d.io.atomic_folder`),
     renamed onto `root` at the end, so an interrupted or failed run leaves no half-written scene, and
     two processes generating the same scene at once never see each other's files: the first rename
     wins, the other finds the finished scene (with `exist_ok`) and discards its copy. Same arguments
@@ -642,33 +640,24 @@ def write_synthetic_scene(root: str | Path, seed: int = 0, num_views: int = 40, 
         return existing()
     scene = make_synthetic_scene(seed, background_rgb=background_rgb)
     cameras = orbit_cameras(num_views, width, height, seed=seed, target=scene.target)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.{os.getpid()}.", suffix=".partial", dir=root.parent))
     try:
-        (tmp / "images").mkdir()
-        frames, names = [], []
-        for i, (c2w, K) in enumerate(cameras):
-            name = f"{i:04d}.png"
-            img = render_view(scene, c2w, K, width, height, samples_per_side)
-            Image.fromarray(_to_uint8(img)).save(tmp / "images" / name, format="PNG")
-            frames.append(CameraFrame(name=name, image_path=root / "images" / name, camtoworld=c2w, K=K,
-                                      width=width, height=height))
-            names.append(name)
-        xyz, rgb = sample_surface_points(scene, cameras, width, height, num_points, seed)
-        write_colmap_text(tmp / "sparse" / "0", frames, xyz, rgb)
-        write_ply(tmp / "points3D.ply", {"x": xyz[:, 0], "y": xyz[:, 1], "z": xyz[:, 2], "red": rgb[:, 0],
-                                         "green": rgb[:, 1], "blue": rgb[:, 2]})
-        write_transforms_json(tmp / "transforms.json", frames, image_names=[f"images/{n}" for n in names],
-                              ply_file_path="points3D.ply")
-        (tmp / "synthetic.json").write_text(json.dumps(options, indent=2) + "\n")
-        try:
-            os.rename(tmp, root)  # atomic; fails when another process renamed its scene onto root first
-        except OSError:
-            if not root.exists():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-            return existing()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_folder(root) as tmp:
+            (tmp / "images").mkdir()
+            frames, names = [], []
+            for i, (c2w, K) in enumerate(cameras):
+                name = f"{i:04d}.png"
+                img = render_view(scene, c2w, K, width, height, samples_per_side)
+                Image.fromarray(_to_uint8(img)).save(tmp / "images" / name, format="PNG")
+                frames.append(CameraFrame(name=name, image_path=root / "images" / name, camtoworld=c2w, K=K,
+                                          width=width, height=height))
+                names.append(name)
+            xyz, rgb = sample_surface_points(scene, cameras, width, height, num_points, seed)
+            write_colmap_text(tmp / "sparse" / "0", frames, xyz, rgb)
+            write_ply(tmp / "points3D.ply", {"x": xyz[:, 0], "y": xyz[:, 1], "z": xyz[:, 2], "red": rgb[:, 0],
+                                             "green": rgb[:, 1], "blue": rgb[:, 2]})
+            write_transforms_json(tmp / "transforms.json", frames, image_names=[f"images/{n}" for n in names],
+                                  ply_file_path="points3D.ply")
+            (tmp / "synthetic.json").write_text(json.dumps(options, indent=2) + "\n")
+    except FileExistsError:  # another process generated its scene there first
+        return existing()
     return root

@@ -491,7 +491,9 @@ def test_synthetic_scene_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
             shutil.copytree(_SOURCE[0], root)
         return real_rename(src, dst)
 
-    monkeypatch.setattr(synthetic.os, "rename", racing)
+    import perception3d.io.atomic as atomic
+
+    monkeypatch.setattr(atomic.os, "rename", racing)
     assert write_synthetic_scene(root, exist_ok=True, **SCENE) == root
     assert raced and sorted(p.name for p in tmp_path.iterdir()) == ["scene"]
     assert json.loads((root / "synthetic.json").read_text())["num_views"] == SCENE["num_views"]
