@@ -85,8 +85,12 @@ def prepare_data(cfg: DataConfig, training: bool = True) -> Path:
                               "ImageSets/), so data.synthetic cannot generate one there; remove it or point "
                               "data.root elsewhere")
         print(f"[data] generating {syn.frames} synthetic KITTI-layout frames (seed {syn.seed}) into {root}")
-        write_kitti_dataset(root, num_frames=syn.frames, seed=syn.seed, val_fraction=syn.val_fraction,
-                            workers=syn.workers, progress=True)
+        try:
+            write_kitti_dataset(root, num_frames=syn.frames, seed=syn.seed, val_fraction=syn.val_fraction,
+                                workers=syn.workers, progress=True)
+        except OSError as e:  # a read-only or full disk, a parent that is a file
+            raise ConfigError(f"data.root={root}: cannot generate the synthetic dataset there "
+                              f"({e.strerror or e}: {e.filename or root})") from None
     return root
 
 

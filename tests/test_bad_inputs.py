@@ -85,6 +85,17 @@ CASES = [
              r"--out .*f\.txt: exists and is not a folder"),
     BadInput("out-below-a-file", lambda t: (config(t, "x", "f.txt"), train(t, TOY, out="f.txt/run"))[1],
              r"--out .*f\.txt/run: cannot create the folder"),
+    # a read-only place: /sys refuses new folders even to root (file permissions do not stop root)
+    BadInput("out-read-only", lambda t: train(t, TOY, out="/sys/p3d_run"),
+             r"--out .*/sys/p3d_run: cannot create the folder \(Operation not permitted\)"),
+    BadInput("detection-data-root-read-only", lambda t: Tool("train", (
+        "--config", str(REPO / "configs" / "quickstart.yaml"), "--out", str(t / "run"),
+        "--set", "data.root=/sys/p3d_kitti", "--set", "data.synthetic.frames=2", "--set", "data.synthetic.val_fraction=0.5")),
+             r"data\.root=/sys/p3d_kitti: cannot generate the synthetic dataset there \(Operation not permitted"),
+    BadInput("splatting-data-root-read-only", lambda t: Tool("train", (
+        "--config", str(REPO / "configs" / "splatting" / "3dgs_quickstart.yaml"), "--out", str(t / "run"),
+        "--set", "data.root=/sys/p3d_views")),
+             r"data\.root=/sys/p3d_views: cannot generate the synthetic scene there \(Operation not permitted"),
     BadInput("out-holds-an-earlier-run", lambda t: (trained_run(t), train(t, TOY))[1],
              r"--out .*run: holds an earlier run \(config\.yaml, log\.jsonl, ckpt/latest\.pt.*--resume"),
     BadInput("resume-with-another-model", lambda t: (trained_run(t), train(t, TOY, "--resume", "--set", "model.hidden=32"))[1],
@@ -123,4 +134,6 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_bad_input(case, tmp_path, capsys, monkeypatch):
+    if "read-only" in case.id and not Path("/sys/kernel").is_dir():
+        pytest.skip("needs Linux's read-only /sys")
     check_bad_input(case, tmp_path, capsys, monkeypatch)
