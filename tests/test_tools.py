@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -206,3 +207,9 @@ def test_resume_logs_each_step_once(tmp_path):
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     train_steps = [r["step"] for r in records if r.get("split") == "train"]
     assert train_steps == [1, 2, 3, 4, 5, 6]
+    # killed before its first checkpoint: the resumed run starts at 0 and logs each step once
+    shutil.rmtree(ckpt)
+    r = ok([sys.executable, "tools/train.py", "--config", str(cfg), "--out", str(out), "--resume"])
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r.get("split") == "train"] == [1, 2, 3, 4, 5, 6]
+    assert any("no checkpoint" in r.get("message", "") for r in records)

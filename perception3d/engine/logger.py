@@ -38,43 +38,54 @@ class RunLogger:
     Args:
         out_dir: run folder.
         total_steps: for the progress bar.
-        initial_step: where the bar starts (resumed runs).
+        initial_step: the step this process starts at (resumed runs: the checkpoint's); the log
+            drops what an earlier process logged after it. None: not known yet, the caller calls
+            :meth:`set_step` once it is (messages wait until then).
         initial_elapsed_s: seconds the run had taken before (resumed runs; see :attr:`elapsed_s`).
         enabled: False on non-zero ranks (then every method is a no-op).
         progress: show a tqdm progress bar (on stderr).
         tensorboard: write TensorBoard events (skipped with a warning if tensorboard is missing).
     """
 
-    def __init__(self, out_dir: str | Path, total_steps: int, initial_step: int = 0, initial_elapsed_s: float = 0.0,
-                 enabled: bool = True, progress: bool = True, tensorboard: bool = True):
+    def __init__(self, out_dir: str | Path, total_steps: int, initial_step: int | None = 0,
+                 initial_elapsed_s: float = 0.0, enabled: bool = True, progress: bool = True,
+                 tensorboard: bool = True):
         self.enabled = enabled
         self.out_dir = Path(out_dir)
         self._bar = None
         self._tb = None
         self._jsonl = None
+        self._pending: list[str] = []  # JSONL lines waiting for set_step (initial_step None)
         self._last_time = time.perf_counter()
         self._t_start = self._last_time - initial_elapsed_s
-        self._last_step = initial_step
-        self._start_step = initial_step
+        self._last_step = initial_step or 0
+        self._start_step = initial_step or 0
         self._want_tb = False
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        if initial_step:
-            self._rewind_jsonl(initial_step, initial_elapsed_s)
-        self._jsonl = open(self.out_dir / "log.jsonl", "a", buffering=1)
         self._want_tb = tensorboard
         if progress:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total_steps, initial=initial_step, unit="it", dynamic_ncols=True,
+            self._bar = tqdm(total=total_steps, initial=initial_step or 0, unit="it", dynamic_ncols=True,
                              file=sys.stderr, desc="train")
+        if initial_step is not None:
+            self._open_jsonl(initial_step, initial_elapsed_s)
+
+    def _open_jsonl(self, step: int, elapsed_s: float) -> None:
+        """Start `log.jsonl` at `step`: drop what was logged after it, append what waited."""
+        self._rewind_jsonl(step, elapsed_s)
+        self._jsonl = open(self.out_dir / "log.jsonl", "a", buffering=1)
+        for line in self._pending:
+            self._jsonl.write(line)
+        self._pending.clear()
 
     def _rewind_jsonl(self, step: int, elapsed_s: float) -> None:
         """Drop the records of `log.jsonl` written after `step` (and messages after `elapsed_s`):
         what a process killed after its last checkpoint logged, which the resumed run redoes."""
         path = self.out_dir / "log.jsonl"
-        if not path.is_file():
+        if not path.is_file() or path.stat().st_size == 0:
             return
         kept = []
         for line in path.read_text().splitlines():
@@ -107,10 +118,8 @@ class RunLogger:
         the run had reached after `elapsed_s` seconds."""
         self._last_step, self._last_time = step, time.perf_counter()
         self._t_start = self._last_time - elapsed_s
-        if step != self._start_step and self._jsonl is not None:
-            self._jsonl.close()
-            self._rewind_jsonl(step, elapsed_s)
-            self._jsonl = open(self.out_dir / "log.jsonl", "a", buffering=1)
+        if self.enabled and self._jsonl is None:
+            self._open_jsonl(step, elapsed_s)
         self._start_step = step
         if self._bar is not None:
             self._bar.n = self._bar.last_print_n = step
@@ -154,9 +163,11 @@ class RunLogger:
             self._bar.write(text)
         else:
             print(text, file=sys.stderr)
+        line = json.dumps({"message": text, "time": round(time.perf_counter() - self._t_start, 3)}) + "\n"
         if self._jsonl is not None:
-            self._jsonl.write(json.dumps({"message": text, "time": round(time.perf_counter() - self._t_start, 3)})
-                              + "\n")
+            self._jsonl.write(line)
+        else:
+            self._pending.append(line)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -166,6 +177,7 @@ class RunLogger:
             self._tb.flush()
             self._tb.close()
             self._tb = None
+        self._pending.clear()  # set_step never came (the run failed first): the log stays as it was
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None

@@ -285,7 +285,9 @@ class Trainer:
         """
         cfg, info = self.cfg, self.info
         seed_everything(derive_seed(cfg.seed, 3, info.rank))  # dropout and other training RNG
-        logger = RunLogger(self.out_dir, cfg.max_steps, enabled=info.is_main, progress=cfg.progress)
+        # the log starts once the step is known (after a resume): see RunLogger(initial_step=None)
+        logger = RunLogger(self.out_dir, cfg.max_steps, initial_step=None, enabled=info.is_main,
+                           progress=cfg.progress)
         self._logger = logger
         try:
             if resume:
