@@ -38,6 +38,10 @@ setup(
         "nerfstudio": ["nerfstudio==1.1.5"],
         # ONNX export of the DSVT backbone and running it with onnxruntime
         "deploy": ["onnx>=1.16", "onnxruntime>=1.18"],
+        # The tests also use nuscenes-devkit 1.2.0 (tests/perception3d/test_metrics_nuscenes.py) and
+        # the KITTI devkit's python port from mmdet3d 1.4.0 (tests/perception3d/test_metrics_kitti.py):
+        # not listed here, as the devkit's numpy<2 / Shapely~=2.0.3 pins would downgrade numpy and
+        # mmdet3d needs mmcv; scripts/install.sh installs both without their dependencies.
         "test": ["pytest>=8", "open3d-cpu==0.20.0", "scikit-image>=0.22", "onnx>=1.16", "onnxruntime>=1.18"],
     },
 )

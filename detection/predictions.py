@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -17,26 +18,23 @@ import torch
 
 from perception3d.errors import DataError
 from perception3d.io.atomic import fsync_dir
-from perception3d.geometry.boxes import box_to_image_bbox, boxes_lidar_to_kitti_camera, kitti_camera_to_boxes_lidar
+from perception3d.geometry.boxes import box_to_image_bbox, boxes_lidar_to_kitti_camera
 from perception3d.io.kitti import KittiDataset, KittiLabels, read_image_shape, read_label, write_label
-from perception3d.structures import Boxes3D, Detections3D
+from perception3d.structures import Detections3D
 
-__all__ = ["write_predictions", "read_predictions"]
+__all__ = ["detections_to_labels", "write_predictions", "read_predictions", "DECIMALS"]
+
+DECIMALS = 4  # of the result files' values, as OpenPCDet writes them (the score always has 4)
 
 
-def write_predictions(kitti: KittiDataset, dets: Sequence[Detections3D], folder: str | Path,
-                      classes: Sequence[str]) -> None:
-    """Write `dets[i]` (LiDAR boxes, labels indexing `classes`) as `folder/<kitti.ids[i]>.txt`.
-
-    Camera boxes through each frame's calibration; the 2D box is the projected 3D box clipped to
-    the image (zeros where the image size is unknown); truncation and occlusion are -1 (unknown,
-    as OpenPCDet writes them); alpha is `rotation_y - atan2(x, z)` of the camera box.
+def write_predictions(kitti: KittiDataset, labels: Sequence[KittiLabels], folder: str | Path) -> None:
+    """Write `labels[i]` (from `detections_to_labels`) as `folder/<kitti.ids[i]>.txt`.
 
     The files are written to a temporary folder beside `folder` that then replaces it, so
     `folder` holds either the previous predictions or all of the new ones, never a mix.
     """
-    if len(dets) != len(kitti):
-        raise DataError(f"write_predictions: {len(dets)} detection sets for {len(kitti)} frames")
+    if len(labels) != len(kitti):
+        raise DataError(f"write_predictions: {len(labels)} detection sets for {len(kitti)} frames")
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.partial-{os.getpid()}"
@@ -44,7 +42,8 @@ def write_predictions(kitti: KittiDataset, dets: Sequence[Detections3D], folder:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        _write_files(kitti, dets, tmp, classes)
+        for fid, lab in zip(kitti.ids, labels):
+            write_label(tmp / f"{fid}.txt", lab, decimals=DECIMALS)
         if folder.exists():
             os.rename(folder, old)
         os.rename(tmp, folder)
@@ -54,29 +53,41 @@ def write_predictions(kitti: KittiDataset, dets: Sequence[Detections3D], folder:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_files(kitti: KittiDataset, dets: Sequence[Detections3D], folder: Path, classes: Sequence[str]) -> None:
+def _written(values: np.ndarray, decimals: int) -> np.ndarray:
+    """`values` as a result file holds them: each written with `decimals` decimals and read back."""
+    flat = np.asarray(values, np.float64).reshape(-1)
+    return np.array([float(f"{v:.{decimals}f}") for v in flat.tolist()], np.float64).reshape(np.shape(values))
+
+
+def detections_to_labels(kitti: KittiDataset, index: int, det: Detections3D, classes: Sequence[str]) -> KittiLabels:
+    """Frame `index`'s detections (LiDAR boxes, labels indexing `classes`) as a KITTI result file
+    holds them, values rounded as written (so that evaluating these or the written file is the same).
+
+    Camera boxes through the frame's calibration; the 2D box is the projected 3D box clipped to the
+    image (zeros where the image size is unknown); truncation and occlusion are -1 (unknown, as
+    OpenPCDet writes them); alpha is `rotation_y - atan2(x, z)` of the camera box."""
     names = np.asarray(classes)
-    for i, det in enumerate(dets):
-        calib = kitti.calib(i)
-        boxes = det.boxes.tensor.detach().cpu().to(torch.float64)
-        cam = boxes_lidar_to_kitti_camera(boxes, calib).numpy()
-        shape = _image_shape(kitti, i)
-        bbox = (box_to_image_bbox(boxes, calib, (shape[1], shape[0])).numpy() if shape
-                else np.zeros((len(boxes), 4)))
-        alpha = cam[:, 6] - np.arctan2(cam[:, 0], cam[:, 2])
-        alpha = alpha - np.floor(alpha / (2 * np.pi) + 0.5) * 2 * np.pi
-        n = len(boxes)
-        labels = KittiLabels(names=names[det.labels.cpu().numpy()], truncated=np.full(n, -1, np.float32),
-                             occluded=np.full(n, -1, np.int32), alpha=alpha, bbox2d=bbox,
-                             dims_hwl=cam[:, 3:6], loc_cam=cam[:, :3], rotation_y=cam[:, 6],
-                             score=det.scores.detach().cpu().numpy())
-        write_label(folder / f"{kitti.ids[i]}.txt", labels, decimals=4)
+    calib = kitti.calib(index)
+    boxes = det.boxes.tensor.detach().cpu().to(torch.float64)
+    cam = boxes_lidar_to_kitti_camera(boxes, calib).numpy()
+    shape = _image_shape(kitti, index)
+    bbox = (box_to_image_bbox(boxes, calib, (shape[1], shape[0])).numpy() if shape
+            else np.zeros((len(boxes), 4)))
+    alpha = cam[:, 6] - np.arctan2(cam[:, 0], cam[:, 2])
+    alpha = alpha - np.floor(alpha / (2 * np.pi) + 0.5) * 2 * np.pi
+    n = len(boxes)
+    d = DECIMALS
+    return KittiLabels(names=names[det.labels.cpu().numpy()], truncated=np.full(n, -1.0),
+                       occluded=np.full(n, -1, np.int32), alpha=_written(alpha, d), bbox2d=_written(bbox, d),
+                       dims_hwl=_written(cam[:, 3:6], d), loc_cam=_written(cam[:, :3], d),
+                       rotation_y=_written(cam[:, 6], d),
+                       score=_written(det.scores.detach().cpu().numpy(), 4))
 
 
-def read_predictions(kitti: KittiDataset, folder: str | Path, classes: Sequence[str]) -> list[Detections3D]:
-    """Read `folder/<id>.txt` for every frame of `kitti`, in its order, as LiDAR detections.
-
-    Lines of other types (e.g. DontCare, Van) are skipped.
+def read_predictions(kitti: KittiDataset, folder: str | Path, classes: Sequence[str]) -> list[KittiLabels]:
+    """Read `folder/<id>.txt` for every frame of `kitti`, in its order: the detections of `classes`
+    as the result files hold them (camera boxes, 2D boxes, alpha, scores), what the KITTI
+    evaluation reads. Lines of other types are skipped.
 
     Raises:
         DataError: before reading any box: a missing folder, a folder without a file for each
@@ -108,10 +119,7 @@ def read_predictions(kitti: KittiDataset, folder: str | Path, classes: Sequence[
         lab = lab.select(keep)
         if len(lab) and lab.score is None:
             raise DataError(f"{path}: expected detections with a score (16 fields per line), got labels without")
-        boxes = kitti_camera_to_boxes_lidar(torch.from_numpy(lab.boxes_cam.astype(np.float64)), kitti.calib(i))
-        labels = torch.tensor([list(classes).index(n) for n in lab.names], dtype=torch.int64)
-        scores = torch.from_numpy(lab.score.astype(np.float32)) if len(lab) else torch.zeros(0)
-        out.append(Detections3D(Boxes3D(boxes.to(torch.float32)), scores, labels))
+        out.append(lab if lab.score is not None else replace(lab, score=np.zeros(0)))
     return out
 
 

@@ -11,26 +11,23 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import matplotlib.pyplot as plt
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from detection.config import DataConfig, DetectionConfig
 from detection.data import DetectionDataset, frame_targets
+from detection.evaluation import Evaluation, evaluate_detections, write_missed
 from detection.models.detector import CenterPointDetector
 from detection.predictions import read_predictions, write_predictions
 from detection.structures import collate
 from perception3d.engine import distributed, fit, load_checkpoint, seed_everything
 from perception3d.errors import ConfigError, DataError
-from perception3d.geometry.boxes import points_in_boxes_count
 from perception3d.io.atomic import atomic_write_text
-from perception3d.io.kitti import KittiDataset, read_image
-from perception3d.metrics.detection import (FrameGT, box_errors, kitti_ap, kitti_ap_by_distance, kitti_ap_interval,
-                                           kitti_difficulty, kitti_recall, missed_objects, nuscenes_map, oracle_ap)
+from perception3d.io.kitti import KittiDataset, KittiLabels, read_image
 from perception3d.structures import CLASSES, Detections3D
 from perception3d.viz import draw_bev, draw_camera, save_figure
 
-__all__ = ["prepare_data", "train", "evaluate", "evaluate_model", "write_missed"]
+__all__ = ["prepare_data", "train", "evaluate", "evaluate_model"]
 
 log = logging.getLogger(__name__)
 
@@ -117,23 +114,6 @@ def _check_synthetic_splits(cfg: DataConfig, training: bool) -> None:
                               f"{sizes['train']} trained on; it needs at least one frame")
 
 
-def _val_frame_gt(frame, classes, pc_range) -> FrameGT:
-    boxes, labels, keep = frame_targets(frame, classes)
-    lab = frame.labels
-    bbox = np.asarray(lab.bbox2d)[keep].reshape(-1, 4)
-    difficulty = kitti_difficulty(bbox[:, 3] - bbox[:, 1], np.asarray(lab.occluded)[keep],
-                                  np.asarray(lab.truncated)[keep])
-    r = pc_range
-    inside = ((boxes[:, 0] >= r[0]) & (boxes[:, 0] < r[3]) & (boxes[:, 1] >= r[1]) & (boxes[:, 1] < r[4]))
-    difficulty = np.where(inside, difficulty, -1)
-    return FrameGT(boxes=torch.from_numpy(boxes), labels=torch.from_numpy(labels),
-                   difficulty=torch.from_numpy(np.asarray(difficulty, np.int64)))
-
-
-def _frame_gts(dataset: DetectionDataset) -> list[FrameGT]:
-    return [_val_frame_gt(dataset.kitti[i], dataset.classes, dataset.pc_range) for i in range(len(dataset))]
-
-
 @torch.no_grad()
 def predict(model, dataset: DetectionDataset, batch_size: int = 2, desc: str = "predict") -> list[Detections3D]:
     """Run the detector over a dataset; one `Detections3D` per frame, in dataset order."""
@@ -147,79 +127,14 @@ def predict(model, dataset: DetectionDataset, batch_size: int = 2, desc: str = "
 
 
 def evaluate_model(model, dataset: DetectionDataset, distance_bins_m=(0.0, 20.0, 40.0, 70.4),
-                   baseline: Sequence[Detections3D] | None = None) -> tuple[dict, list]:
-    """KITTI 3D/BEV AP (R40), the 3D curve's highest recall (`kitti_recall`), AP by distance, the
-    moderate 3D AP's 95% bootstrap interval over frames (`kitti_ap_interval`), nuScenes-style
-    mAP, the median errors of matched boxes (`box_errors`: moderate GT, 2 m BEV matching) and the
-    moderate 3D AP with one box part made exact (`oracle_ap`: where the 3D AP is lost) on
-    `dataset`.
+                   baseline: Sequence[KittiLabels] | None = None) -> tuple[Evaluation, list[Detections3D]]:
+    """Run the detector on `dataset` and evaluate it (`detection.evaluation.evaluate_detections`:
+    the official KITTI and nuScenes numbers and our `diag/` diagnostics); `baseline`: another
+    model's result files of the same frames (`read_predictions`) for the paired difference.
 
-    With `baseline` (another model's detections of the same frames, e.g. `read_predictions` of
-    another run's `predictions/`), also the moderate 3D AP's difference to the baseline's with
-    its paired 95% bootstrap interval (`Car/3d_R40_minus_baseline/moderate`, `..._low`, `..._high`).
-
-    Returns `(metrics, detections)`; metric keys look like `Car/3d_R40/moderate`,
-    `Car/3d_recall/moderate`, `Car/box_error_median/z_m`, `Car/3d_R40_oracle/z_height`.
-    """
+    Returns `(evaluation, detections)`."""
     dets = predict(model, dataset, desc="eval")
-    gts = _frame_gts(dataset)
-    metrics: dict[str, float] = {}
-    for metric in ("3d", "bev"):
-        res = kitti_ap(gts, dets, classes=dataset.classes, metric=metric)
-        for cls, by_diff in res.items():
-            for diff, ap in by_diff.items():  # cls is a class name or "mAP"
-                metrics[f"{cls}/{metric}_R40/{diff}"] = float(ap)
-    for cls, by_diff in kitti_recall(gts, dets, classes=dataset.classes).items():
-        for diff, recall in by_diff.items():
-            metrics[f"{cls}/3d_recall/{diff}"] = float(recall)
-    by_dist = kitti_ap_by_distance(gts, dets, classes=dataset.classes, distance_bins_m=distance_bins_m, metric="3d")
-    for cls, by_bin in by_dist.items():
-        for rng, ap in by_bin.items():
-            metrics[f"{cls}/3d_R40_by_distance/{rng}"] = float(ap)
-    for cls, (low, high) in kitti_ap_interval(gts, dets, classes=dataset.classes).items():
-        metrics[f"{cls}/3d_R40_interval95/moderate_low"] = low
-        metrics[f"{cls}/3d_R40_interval95/moderate_high"] = high
-    if baseline is not None:
-        base_ap = kitti_ap(gts, baseline, classes=dataset.classes)
-        paired = kitti_ap_interval(gts, dets, classes=dataset.classes, baseline=baseline)
-        for cls, (low, high) in paired.items():
-            key = f"{cls}/3d_R40_minus_baseline/moderate"
-            metrics[key] = metrics[f"{cls}/3d_R40/moderate"] - float(base_ap[cls]["moderate"])
-            metrics[key + "_low"], metrics[key + "_high"] = low, high
-    nus = nuscenes_map(gts, dets, classes=dataset.classes)
-    metrics["nuscenes/mAP"] = float(nus["mAP"])
-    for cls, errs in box_errors(gts, dets, classes=dataset.classes).items():
-        for name, value in errs.items():
-            metrics[f"{cls}/box_error_median/{name}"] = float(value)
-    for cls, by_part in oracle_ap(gts, dets, classes=dataset.classes).items():
-        for part, ap in by_part.items():
-            metrics[f"{cls}/3d_R40_oracle/{part}"] = float(ap)
-    return metrics, dets
-
-
-_MISSED_COLUMNS = ("frame_id", "class", "x", "y", "z", "dx", "dy", "dz", "yaw", "range_m", "lidar_points",
-                   "best_iou", "best_score")
-
-
-def write_missed(dataset: DetectionDataset, dets: Sequence[Detections3D], path: Path) -> int:
-    """Writes `path` (CSV, atomically): one row per moderate ground-truth object no detection
-    matches at the class's 3D IoU threshold (`missed_objects`: what keeps `3d_recall` below 100),
-    with its box, BEV range, LiDAR points inside it, and the best IoU of a box of its class in
-    the frame with that box's score (empty without one). Returns the number of rows."""
-    gts = _frame_gts(dataset)
-    missed = missed_objects(gts, dets, classes=dataset.classes)
-    lines = [",".join(_MISSED_COLUMNS)]
-    for f in sorted({m["frame"] for m in missed}):
-        frame = dataset.kitti[f]
-        rows = [m for m in missed if m["frame"] == f]
-        boxes = gts[f].boxes[[m["gt_index"] for m in rows]].to(torch.float32)
-        counts = points_in_boxes_count(torch.as_tensor(frame.points_lidar[:, :3], dtype=torch.float32), boxes)
-        for m, box, n in zip(rows, boxes.tolist(), counts.tolist()):
-            score = "" if m["best_score"] != m["best_score"] else f"{m['best_score']:.4f}"
-            lines.append(",".join([str(frame.frame_id), m["class"], *(f"{v:.3f}" for v in box),
-                                   f"{np.hypot(box[0], box[1]):.2f}", str(n), f"{m['best_iou']:.4f}", score]))
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    return len(missed)
+    return evaluate_detections(dataset.kitti, dets, dataset.classes, distance_bins_m, baseline), dets
 
 
 def _draw_frame(path: Path, points, frame, gt_boxes, det: Detections3D, pc_range, title: str) -> None:
@@ -305,36 +220,41 @@ def _check_before_work(cfg: DetectionConfig, val_set: DetectionDataset):
 
 
 def _summary(metrics: dict) -> str:
-    keys = [k for k in metrics if "/3d_R40/" in k or "/bev_R40/moderate" in k or "/3d_recall/moderate" in k
-            or ("/3d_R40_minus_baseline/" in k and k.endswith("moderate"))] + ["nuscenes/mAP"]
-    intervals = {k: k.replace("/3d_R40/", "/3d_R40_interval95/") for k in keys if k.endswith("/3d_R40/moderate")}
+    keys = [k for k in metrics if (not k.startswith(("diag/", "nuscenes/")) and "/3d_R40/" in k)
+            or k.endswith(("/bev_R40/moderate", "/bbox_R40/moderate", "/3d_recall/moderate"))
+            or ("/3d_R40_minus_baseline/" in k and k.endswith("moderate"))] + ["nuscenes/mAP", "nuscenes/NDS"]
+    intervals = {k: "diag/" + k.replace("/3d_R40/", "/3d_R40_interval95/") for k in keys
+                 if k.endswith("/3d_R40/moderate") and not k.startswith("mAP/")}
     intervals.update({k: k for k in keys if "_minus_baseline/" in k})
 
     def line(k):
         v = metrics[k]
         if v != v:
-            return f"  {k:36s}    n/a"
+            return f"  {k:44s}    n/a"
         lo, hi = metrics.get(intervals.get(k, "") + "_low"), metrics.get(intervals.get(k, "") + "_high")
         extra = f"  (95% interval over frames {lo:.2f} to {hi:.2f})" if lo is not None and lo == lo else ""
-        return f"  {k:36s} {v:6.2f}{extra}"
+        return f"  {k:44s} {v:6.2f}{extra}"
 
     return "\n".join(line(k) for k in keys if k in metrics)
 
 
 def _finish(model, cfg: DetectionConfig, val_set, out_dir: Path, extra: dict, baseline, real_ds,
             evaluated=None) -> dict:
-    metrics, dets = evaluated or evaluate_model(model, val_set, cfg.eval.distance_bins_m, baseline)
-    write_predictions(val_set.kitti, dets, out_dir / "predictions", val_set.classes)
-    num_missed = write_missed(val_set, dets, out_dir / "missed.csv")
+    ev, dets = evaluated or evaluate_model(model, val_set, cfg.eval.distance_bins_m, baseline)
+    metrics = ev.metrics
+    write_predictions(val_set.kitti, ev.labels, out_dir / "predictions")
+    num_missed = write_missed(val_set.kitti, ev, out_dir / "missed.csv")
     pictures = _pictures(model, cfg, val_set, dets, out_dir, real_ds)
-    # AP is undefined (NaN) for a class without ground truth at a difficulty; JSON gets null
+    # undefined numbers (NaN, e.g. a nuScenes error without a match) become null in JSON
     clean = {k: (None if v != v else v) for k, v in metrics.items()}
     result = {"metrics": clean, "pictures": pictures, "val_frames": len(val_set), **extra}
     if cfg.eval.baseline is not None:
         result["baseline"] = str(cfg.eval.baseline)  # what the `..._minus_baseline` metrics are against
     atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2))
-    print(f"[eval] {len(val_set)} held-out frames; AP (%), KITTI R40:\n{_summary(metrics)}")
-    print(f"[eval] {num_missed} moderate objects without a box above the 3D IoU threshold: {out_dir / 'missed.csv'}")
+    print(f"[eval] {len(val_set)} held-out frames; AP (%), the official KITTI evaluation (R40; diag/: our "
+          f"diagnostics) and nuScenes':\n{_summary(metrics)}")
+    print(f"[eval] {num_missed} valid moderate objects no detection found at the 3D overlap threshold: "
+          f"{out_dir / 'missed.csv'}")
     print(f"[eval] metrics: {out_dir / 'metrics.json'}; pictures: {', '.join(pictures)}")
     return result
 
@@ -355,7 +275,8 @@ def train(cfg: DetectionConfig, out_dir: str | Path, resume: bool = False,
 
     def evaluate_fn(m, step):
         last["step"], last["result"] = step, evaluate_model(m, val_set, cfg.eval.distance_bins_m, baseline)
-        return {k: v for k, v in last["result"][0].items() if k.endswith("/moderate") or k == "nuscenes/mAP"}
+        return {k: v for k, v in last["result"][0].metrics.items()
+                if (k.endswith("/moderate") and "_R11/" not in k) or k in ("nuscenes/mAP", "nuscenes/NDS")}
 
     stats = fit(model, train_set, collate, cfg.train, out_dir, evaluate_fn=evaluate_fn, resume=resume,
                 on_start=on_start)

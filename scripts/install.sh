@@ -20,6 +20,21 @@ PY=${PYTHON:-python3}
 # Pin the CPU build of torch first: an unpinned requirement would pull a multi-GB CUDA build.
 $PY -m pip install -q --disable-pip-version-check "torch==2.13.0"
 $PY -m pip install -q --disable-pip-version-check -e ".[viewer,test]"
+# nuscenes-devkit 1.2.0: the official code tests/perception3d/test_metrics_nuscenes.py checks
+# perception3d.metrics.nuscenes against. --no-deps: it pins numpy<2 and Shapely~=2.0.3, which would
+# downgrade what torch, scipy, numba and spconv need; its evaluation code runs on numpy 2. Its
+# import chain (nuscenes/__init__ loads the NuScenes class) needs only the four packages below.
+$PY -m pip install -q --disable-pip-version-check "pyquaternion>=0.9.5" cachetools \
+  "opencv-python-headless>=4.10" scikit-learn
+$PY -m pip install -q --disable-pip-version-check --no-deps "nuscenes-devkit==1.2.0"
+# The KITTI devkit's python port (OpenPCDet's kitti_object_eval_python, as mmdetection3d 1.4.0 ships
+# it): the oracle tests/perception3d/test_metrics_kitti.py checks perception3d.metrics.kitti against.
+# Only its two numba files are used, loaded by path from a folder of their own, off sys.path, so
+# the wheel goes there without its dependencies (mmcv and others, which need a CUDA build).
+ORACLES="$HOME/.cache/perception3d/oracles"
+if [ ! -f "$ORACLES/mmdet3d-1.4.0/mmdet3d/evaluation/functional/kitti_utils/eval.py" ]; then
+  $PY -m pip install -q --disable-pip-version-check --no-deps --target "$ORACLES/mmdet3d-1.4.0" "mmdet3d==1.4.0"
+fi
 $PY -c "import torch, spconv.pytorch, perception3d; print('[install] ok: torch', torch.__version__)"
 # Build the CPU rasterizer now (about a minute, cached in ~/.cache/torch_extensions) rather than
 # inside the first training run or test.

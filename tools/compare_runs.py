@@ -49,8 +49,8 @@ def read_run(spec: str, cls: str) -> dict:
     if metrics[key] is None:
         raise DataError(f"{file}: {key!r} is null (no moderate {cls} in that run's held-out frames)")
 
-    def get(name: str) -> float | None:
-        v = metrics.get(f"{cls}/{name}")
+    def get(name: str) -> float | None:  # a diagnostic beside the official AP
+        v = metrics.get(f"diag/{cls}/{name}")
         return None if v is None else float(v)
 
     return {"label": label, "file": str(file), "ap": float(metrics[key]),

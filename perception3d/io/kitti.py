@@ -55,16 +55,19 @@ KITTI_CLASSES = ("Car", "Van", "Truck", "Pedestrian", "Person_sitting", "Cyclist
 class KittiLabels:
     """The objects of one KITTI label file, as parallel arrays (M objects).
 
+    Values are float64, as the KITTI devkit parses them: in float32, a truncation written as 0.15
+    would read as 0.15000000596 and fall out of the easy difficulty (`<= 0.15`).
+
     Attributes:
         names: `[M]` str, object type ("Car", "Pedestrian", "DontCare", ...).
-        truncated: `[M]` float32 in [0, 1] (-1 for DontCare).
+        truncated: `[M]` float64 in [0, 1] (-1 for DontCare).
         occluded: `[M]` int32, 0 visible .. 3 unknown (-1 for DontCare).
-        alpha: `[M]` float32 observation angle, radians.
-        bbox2d: `[M, 4]` float32 (x1, y1, x2, y2) pixels in image_2.
-        dims_hwl: `[M, 3]` float32 (height, width, length) metres.
-        loc_cam: `[M, 3]` float32 bottom centre in the rectified camera frame, metres.
-        rotation_y: `[M]` float32 rotation about camera +y, radians.
-        score: `[M]` float32 detection score, or None for ground truth.
+        alpha: `[M]` float64 observation angle, radians.
+        bbox2d: `[M, 4]` float64 (x1, y1, x2, y2) pixels in image_2.
+        dims_hwl: `[M, 3]` float64 (height, width, length) metres.
+        loc_cam: `[M, 3]` float64 bottom centre in the rectified camera frame, metres.
+        rotation_y: `[M]` float64 rotation about camera +y, radians.
+        score: `[M]` float64 detection score, or None for ground truth.
     """
 
     names: np.ndarray
@@ -82,9 +85,9 @@ class KittiLabels:
 
     @classmethod
     def empty(cls) -> "KittiLabels":
-        z = np.zeros(0, np.float32)
-        return cls(np.zeros(0, dtype="<U16"), z, np.zeros(0, np.int32), z, np.zeros((0, 4), np.float32),
-                   np.zeros((0, 3), np.float32), np.zeros((0, 3), np.float32), z, None)
+        z = np.zeros(0, np.float64)
+        return cls(np.zeros(0, dtype="<U16"), z, np.zeros(0, np.int32), z, np.zeros((0, 4)), np.zeros((0, 3)),
+                   np.zeros((0, 3)), z, None)
 
     @property
     def boxes_cam(self) -> np.ndarray:
@@ -159,14 +162,14 @@ def read_label(path: str | Path) -> KittiLabels:
     a = np.asarray(rows, dtype=np.float64)
     return KittiLabels(
         names=np.asarray(names),
-        truncated=a[:, 0].astype(np.float32),
+        truncated=a[:, 0],
         occluded=a[:, 1].astype(np.int32),
-        alpha=a[:, 2].astype(np.float32),
-        bbox2d=a[:, 3:7].astype(np.float32),
-        dims_hwl=a[:, 7:10].astype(np.float32),
-        loc_cam=a[:, 10:13].astype(np.float32),
-        rotation_y=a[:, 13].astype(np.float32),
-        score=np.asarray(scores, np.float32) if all(has_score) else None,
+        alpha=a[:, 2],
+        bbox2d=a[:, 3:7],
+        dims_hwl=a[:, 7:10],
+        loc_cam=a[:, 10:13],
+        rotation_y=a[:, 13],
+        score=np.asarray(scores, np.float64) if all(has_score) else None,
     )
 
 

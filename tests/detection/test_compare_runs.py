@@ -17,14 +17,14 @@ def _write(folder, metrics, **extra):
 
 
 def test_compare_runs_picture_table_and_json(tmp_path, capsys):
-    a = _write(tmp_path / "a", {"Car/3d_R40/moderate": 86.89, "Car/3d_R40_interval95/moderate_low": 86.09,
-                                "Car/3d_R40_interval95/moderate_high": 87.70, "Pedestrian/3d_R40/moderate": 80.0})
-    b = _write(tmp_path / "b", {"Car/3d_R40/moderate": 80.2, "Car/3d_R40_interval95/moderate_low": 79.08,
-                                "Car/3d_R40_interval95/moderate_high": 81.3,
-                                "Car/3d_R40_minus_baseline/moderate": -6.69,
-                                "Car/3d_R40_minus_baseline/moderate_low": -7.77,
-                                "Car/3d_R40_minus_baseline/moderate_high": -5.61,
-                                "Car/3d_recall/moderate": 97.3268}, baseline="runs/a/predictions")
+    a = _write(tmp_path / "a", {"Car/3d_R40/moderate": 86.89, "diag/Car/3d_R40_interval95/moderate_low": 86.09,
+                                "diag/Car/3d_R40_interval95/moderate_high": 87.70, "Pedestrian/3d_R40/moderate": 80.0})
+    b = _write(tmp_path / "b", {"Car/3d_R40/moderate": 80.2, "diag/Car/3d_R40_interval95/moderate_low": 79.08,
+                                "diag/Car/3d_R40_interval95/moderate_high": 81.3,
+                                "diag/Car/3d_R40_minus_baseline/moderate": -6.69,
+                                "diag/Car/3d_R40_minus_baseline/moderate_low": -7.77,
+                                "diag/Car/3d_R40_minus_baseline/moderate_high": -5.61,
+                                "diag/Car/3d_recall/moderate": 97.3268}, baseline="runs/a/predictions")
     out = tmp_path / "pics" / "cmp.png"
     assert main(["SECOND=" + str(a), f"DSVT={b / 'metrics.json'}", "--out", str(out)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
