@@ -7,7 +7,9 @@ voxel) -> ``SparseVoxels(feats [V, 4], coords [V, 4] (b, z, y, x))`` -> ``Sparse
 (SECOND sparse 3D convs, 8x down, height folded into channels) -> dense BEV ``[B, C, Y/8, X/8]``
 -> ``BEVBackbone`` (2D convs) -> ``CenterHead`` -> training: losses; eval: one
 ``Detections3D`` per frame. With ``backbone: dsvt`` the first three steps are dynamic voxelization,
-``PillarVFE`` and the DSVT transformer (``detection.models.dsvt``); the rest is the same.
+``PillarVFE`` and the DSVT transformer (``detection.models.dsvt``); with ``backbone: pillars``
+(CenterPoint's PointPillars) dynamic pillars, ``PillarVFE`` and ``PillarScatter`` (a dense BEV map
+of the pillar features, no 3D backbone); the rest is the same.
 
 The defaults are chosen to train on a 2-core CPU: voxels of 0.1 m on the KITTI front range
 (70.4 x 80 x 4 m: a 40 x 800 x 704 grid; 40 z voxels collapse to one BEV slice), a 100 x 88 BEV
@@ -27,6 +29,7 @@ from detection.models.backbone3d import SparseBackbone3D
 from detection.models.bev_backbone import BEVBackbone
 from detection.models.center_head import CenterHead, CenterHeadOptions
 from detection.models.dsvt import DSVTBackbone, DSVTOptions
+from detection.models.pillars import PillarScatter
 from detection.structures import DetectionBatch
 from perception3d.ops.voxelize import MeanVFE, PillarVFE, grid_shape, voxelize_dynamic, voxelize_hard
 from perception3d.sparse import SparseVoxels
@@ -52,8 +55,9 @@ class ModelConfig:
         vfe: voxel feature encoder of the ``second`` backbone; ``"mean"``: the mean of the voxel's
             points. The ``dsvt`` backbone always encodes dynamic voxels with a
             :class:`~perception3d.ops.voxelize.PillarVFE` (see ``pillar_vfe_filters``).
-        pillar_vfe_filters: PFN layer widths of the ``dsvt`` backbone's pillar VFE (DSVT's:
-            ``[128, 128]``); empty: one layer of width ``dsvt.d_model``. A last width other than
+        pillar_vfe_filters: PFN layer widths of the pillar VFE of the ``dsvt`` and ``pillars``
+            backbones (DSVT's: ``[128, 128]``, PointPillars': ``[64]``); empty: one layer of width
+            ``dsvt.d_model`` (``dsvt``) or 64 (``pillars``). For ``dsvt``, a last width other than
             ``dsvt.d_model`` is mapped to it by the backbone's input linear layer.
         pillar_vfe_normalize: rescale the pillar VFE's input coordinates (``PillarVFE``'s
             ``normalize_inputs``: absolute to ``[-1, 1]`` over the range, offsets in voxel sizes).
@@ -62,7 +66,9 @@ class ModelConfig:
         backbone: ``"second"``: the SECOND sparse-conv backbone on hard voxels (fields
             ``backbone3d_*``); ``"dsvt"``: the DSVT transformer (:mod:`detection.models.dsvt`) on
             dynamic voxels, the voxel grid being its pillar (``Z = 1``) or voxel grid, at BEV
-            stride ``dsvt.bev_patch``.
+            stride ``dsvt.bev_patch``; ``"pillars"``: PointPillars, the pillar features scattered
+            to a dense BEV map (:class:`~detection.models.pillars.PillarScatter`; ``Z = 1``, BEV
+            stride 1 before the BEV backbone).
         dsvt: :class:`~detection.models.dsvt.DSVTOptions` of the ``dsvt`` backbone.
         backbone3d_channels: channels of the four stages of the sparse 3D backbone.
         backbone3d_out_channels: channels of the backbone's last (z-collapsing) conv; the BEV map
@@ -85,7 +91,7 @@ class ModelConfig:
     pillar_vfe_filters: tuple[int, ...] = ()
     pillar_vfe_normalize: bool = False
     pillar_vfe_height_bins: int = 0
-    backbone: Literal["second", "dsvt"] = "second"
+    backbone: Literal["second", "dsvt", "pillars"] = "second"
     dsvt: DSVTOptions = field(default_factory=DSVTOptions)
     backbone3d_channels: tuple[int, int, int, int] = (16, 32, 64, 64)
     backbone3d_out_channels: int = 128
@@ -170,7 +176,7 @@ class ModelConfig:
         for ls, us in zip(self.bev_layer_strides, self.bev_upsample_strides):
             cum *= ls
             factors.append(cum / us if us >= 1 else cum * round(1 / us))
-        stride3d = self.backbone3d_stride if self.backbone == "second" else self.dsvt.bev_patch
+        stride3d = {"second": self.backbone3d_stride, "dsvt": self.dsvt.bev_patch, "pillars": 1}[self.backbone]
         return int(round(stride3d * factors[0]))
 
     @property
@@ -199,11 +205,14 @@ class CenterPointDetector(nn.Module):
                 cfg.num_point_features, cfg.grid_size, channels=cfg.backbone3d_channels,
                 out_channels=cfg.backbone3d_out_channels, bev_stride=cfg.backbone3d_stride)
         else:
-            filters = cfg.pillar_vfe_filters or (cfg.dsvt.d_model,)
+            filters = cfg.pillar_vfe_filters or ((cfg.dsvt.d_model,) if cfg.backbone == "dsvt" else (64,))
             self.vfe = PillarVFE(cfg.num_point_features, filters, cfg.voxel_size_m, cfg.pc_range_m,
                                  normalize_inputs=cfg.pillar_vfe_normalize,
                                  height_bins=cfg.pillar_vfe_height_bins)
-            self.backbone3d = DSVTBackbone(self.vfe.out_channels, cfg.grid_size, cfg.dsvt)
+            if cfg.backbone == "dsvt":
+                self.backbone3d = DSVTBackbone(self.vfe.out_channels, cfg.grid_size, cfg.dsvt)
+            else:
+                self.backbone3d = PillarScatter(self.vfe.out_channels, cfg.grid_size)
         self.bev_backbone = BEVBackbone(
             self.backbone3d.bev_shape[0], cfg.bev_layer_nums, cfg.bev_layer_strides, cfg.bev_num_filters,
             cfg.bev_upsample_strides, cfg.bev_num_upsample_filters)
@@ -225,7 +234,7 @@ class CenterPointDetector(nn.Module):
         if pts.shape[1] < cfg.num_point_features:
             raise ValueError(f"CenterPointDetector: points have {pts.shape[1]} columns, the model expects "
                              f"{cfg.num_point_features} (x, y, z, intensity)")
-        if cfg.backbone == "dsvt":
+        if cfg.backbone in ("dsvt", "pillars"):
             return self._voxelize_dynamic(batch, pts)
         max_voxels = cfg.max_voxels_train if self.training else cfg.max_voxels_test
         voxels, coords, counts = [], [], []

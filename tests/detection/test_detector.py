@@ -178,6 +178,36 @@ def test_dsvt_detector_overfits_one_frame(bf16):
     _check_recovered(dets, batch, 0.5)
 
 
+def _tiny_pillars_cfg() -> ModelConfig:
+    """PointPillars on the small range: 0.4 m pillars (a 1 x 64 x 64 grid), head at BEV stride 2."""
+    return _tiny_cfg(backbone="pillars", voxel_size_m=(0.4, 0.4, 4.0), pillar_vfe_filters=(32,),
+                     pillar_vfe_normalize=True, bev_layer_strides=(2, 2), bev_upsample_strides=(1, 2))
+
+
+def test_pillar_scatter_puts_each_pillar_in_its_cell():
+    from detection.models.pillars import PillarScatter
+    from perception3d.sparse import SparseVoxels
+
+    feats = torch.arange(1.0, 7.0).reshape(3, 2)
+    coords = torch.tensor([[0, 0, 1, 2], [1, 0, 0, 0], [1, 0, 3, 4]], dtype=torch.int32)
+    bev, _ = PillarScatter(2, (1, 4, 5))(SparseVoxels(feats, coords, (1, 4, 5), 2))
+    dense = torch.zeros(2, 2, 4, 5)
+    for f, (b, _, y, x) in zip(feats, coords.tolist()):
+        dense[b, :, y, x] = f
+    assert torch.equal(bev, dense)
+    with pytest.raises(Exception, match="one voxel along z"):
+        PillarScatter(2, (2, 4, 5))
+
+
+def test_pointpillars_detector_overfits_one_frame():
+    cfg = _tiny_pillars_cfg()
+    assert cfg.grid_size == (1, 64, 64) and cfg.bev_stride == 2 and cfg.bev_cell_m == pytest.approx((0.8, 0.8))
+    history, dets, batch = _overfit(steps=80, n_frames=1, cfg=cfg)
+    first, last = history[0], min(history[-5:])
+    assert last < first / 10, f"loss {first:.3f} -> {last:.3f}"
+    _check_recovered(dets, batch, 0.5)
+
+
 @pytest.mark.parametrize("backbone", ["second", "dsvt"])
 def test_bf16_autocast_step_follows_fp32(backbone):
     """`train.precision=bf16` runs the forward pass under bf16 autocast (spconv stays fp32; the
