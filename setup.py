@@ -32,6 +32,8 @@ setup(
         "ninja>=1.11",
         # Compact 3DGS: canonical Huffman coding of the vector-quantization indices
         "bitarray>=2.9",
+        # the model zoo's shipped weights (tools/export_weights.py)
+        "safetensors>=0.4",
     ],
     extras_require={
         "viewer": ["open3d-cpu==0.20.0"],

@@ -20,7 +20,8 @@ from detection.evaluation import Evaluation, evaluate_detections, write_missed
 from detection.models.detector import CenterPointDetector
 from detection.predictions import read_predictions, write_predictions
 from detection.structures import collate
-from perception3d.engine import distributed, fit, load_checkpoint, seed_everything
+from perception3d.config import config_differences, config_to_dict
+from perception3d.engine import distributed, fit, load_checkpoint, read_checkpoint, seed_everything
 from perception3d.errors import ConfigError, DataError
 from perception3d.io.atomic import atomic_write_text
 from perception3d.io.kitti import KittiDataset, KittiLabels, read_image
@@ -279,11 +280,37 @@ def train(cfg: DetectionConfig, out_dir: str | Path, resume: bool = False,
                 if (k.endswith("/moderate") and "_R11/" not in k) or k in ("nuscenes/mAP", "nuscenes/NDS")}
 
     stats = fit(model, train_set, collate, cfg.train, out_dir, evaluate_fn=evaluate_fn, resume=resume,
-                on_start=on_start)
+                run_config=config_to_dict(cfg), on_start=on_start)
     if not distributed.is_main_process():
         return {"train": stats}
     evaluated = last["result"] if last.get("step") == stats["step"] else None
     return _finish(model, cfg, val_set, out_dir, {"train": stats}, baseline, real_ds, evaluated)
+
+
+# model settings that only decide which boxes are output, not the weights: a user may change them
+INFERENCE_SETTINGS = ("model.max_voxels_test", "model.head.score_threshold", "model.head.nms_iou",
+                      "model.head.nms_pre_max", "model.head.max_detections", "model.head.top_k")
+
+
+def load_weights(ckpt: str | Path, model: CenterPointDetector, cfg: DetectionConfig) -> dict:
+    """Load a checkpoint or shipped weights (`.safetensors`) into `model`, after checking that the
+    model config they were trained with (stored in them) is `cfg.model`, inference settings
+    (`INFERENCE_SETTINGS`) apart.
+
+    Raises:
+        DataError: naming the file and every model setting that differs, before loading.
+    """
+    state = read_checkpoint(ckpt)
+    saved = (state.get("config") or {}).get("model")
+    if saved is not None:
+        diff = [d for d in config_differences({"model": saved}, {"model": config_to_dict(cfg)["model"]})
+                if not d.startswith(INFERENCE_SETTINGS)]
+        if diff:
+            raise DataError(f"{ckpt}: these weights were trained with another model config (setting: as "
+                            "trained -> as configured): " + "; ".join(diff[:12])
+                            + (f"; and {len(diff) - 12} more" if len(diff) > 12 else "")
+                            + ". Evaluate them with the config they were trained with")
+    return load_checkpoint(ckpt, model)
 
 
 def evaluate(cfg: DetectionConfig, ckpt: str | Path, out_dir: str | Path) -> dict:
@@ -293,5 +320,5 @@ def evaluate(cfg: DetectionConfig, ckpt: str | Path, out_dir: str | Path) -> dic
     val_set = DetectionDataset(root, cfg.data.val_split, cfg.model.pc_range_m, None)
     baseline, real_ds = _check_before_work(cfg, val_set)
     model = CenterPointDetector(cfg.model)
-    load_checkpoint(ckpt, model)
+    load_weights(ckpt, model, cfg)
     return _finish(model, cfg, val_set, out_dir, {"checkpoint": str(ckpt)}, baseline, real_ds)

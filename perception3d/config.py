@@ -38,6 +38,7 @@ from perception3d.errors import ConfigError
 from perception3d.io.atomic import atomic_write_text
 
 __all__ = [
+    "config_differences",
     "load_config",
     "load_config_dict",
     "from_dict",
@@ -390,3 +391,16 @@ def save_config(cfg: Any, path: str | Path) -> Path:
     path = Path(path)
     atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None))
     return path
+
+
+def config_differences(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
+    """`"key: old -> new"` for every (dotted) key whose value differs between two plain config dicts
+    (`config_to_dict` output), sorted by key."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += config_differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out

@@ -39,6 +39,14 @@ def trained_run(tmp: Path) -> Path:
     return tmp / "run"
 
 
+def _foreign_safetensors(path: Path) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(path))
+    return path
+
+
 def locked(tmp: Path, name: str) -> Path:
     folder = RunFolder(tmp / name).open()
     _held.append(folder)
@@ -127,6 +135,16 @@ CASES = [
              r"--frames must be >= 1"),
     BadInput("make-synthetic-into-a-foreign-folder", lambda t: (config(t, "x", "k/notes.txt"), Tool(
         "make_synthetic", ("--out", str(t / "k"), "--frames", "1")))[1], r"k: the folder .*not a dataset"),
+    BadInput("eval-weights-corrupt", lambda t: (config(t, "not safetensors", "w.safetensors"), Tool("eval", (
+        "--config", str(config(t, TOY)), "--ckpt", str(t / "w.safetensors"), "--out", str(t / "ev"))))[1],
+             r"w\.safetensors: cannot read the weights \(truncated or not a safetensors file\?\)"),
+    BadInput("eval-weights-of-another-program", lambda t: (_foreign_safetensors(t / "w.safetensors"), Tool("eval", (
+        "--config", str(config(t, TOY)), "--ckpt", str(t / "w.safetensors"), "--out", str(t / "ev"))))[1],
+             r"w\.safetensors: not perception3d weights \(metadata format None"),
+    BadInput("export-weights-not-safetensors", lambda t: (trained_run(t), Tool("export_weights", (
+        str(t / "run"), "--out", str(t / "w.pt"))))[1], r"w\.pt: expected a \.safetensors file name"),
+    BadInput("export-weights-no-checkpoint", lambda t: Tool("export_weights", (str(t), "--out", str(t / "w.safetensors"))),
+             r"is a folder without a ckpt/latest\.pt"),
     BadInput("bench-repeats-zero", lambda t: Tool("bench", ("voxelize", "--repeats", "0")), r"--repeats must be >= 1"),
     BadInput("bench-unknown-name", lambda t: Tool("bench", ("rasterise",)), r"invalid choice: 'rasterise'"),
 ]

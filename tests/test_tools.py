@@ -110,6 +110,21 @@ def test_readme_main_job_then_eval(config, tmp_path):
         table = ok([sys.executable, "tools/compare_runs.py", "--out", str(pic), f"train={out}", f"eval={ev}"])
         assert [r["ap"] for r in table["runs"]] == [m["Car/3d_R40/moderate"]] * 2
         assert pic.stat().st_size > 1000
+        # tools/export_weights.py: the weights alone as .safetensors (fp32: the same numbers; fp16:
+        # what the zoo ships), evaluated with the config; another model's config is refused
+        weights = tmp_path / "w32.safetensors"
+        info = ok([sys.executable, "tools/export_weights.py", str(out), "--out", str(weights), "--fp32"])
+        assert info["weights"] == str(weights) and info["tensors"] > 50
+        again = ok([sys.executable, "tools/eval.py", "--config", str(out / "config.yaml"), "--ckpt", str(weights),
+                    "--out", str(tmp_path / "eval_w")])
+        assert again["metrics"]["Car/3d_R40/moderate"] == m["Car/3d_R40/moderate"]
+        half = ok([sys.executable, "tools/export_weights.py", str(out), "--out", str(tmp_path / "w16.safetensors")])
+        assert half["mb"] < 0.55 * info["mb"]
+        r = run([sys.executable, "tools/eval.py", "--config", "configs/detection/dsvt_pillar.yaml", "--ckpt",
+                 str(weights), "--set", f"data.root={data}", "--set", "data.synthetic=null",
+                 "--out", str(tmp_path / "eval_x")])
+        assert r.returncode == 2 and "trained with another model config" in r.stderr
+        assert "model.backbone: 'second' -> 'dsvt'" in r.stderr
 
 
 def test_make_synthetic(tmp_path):

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from perception3d.config import config_to_dict, load_config, save_config  # noqa: E402
+from perception3d.config import config_differences, config_to_dict, load_config, save_config  # noqa: E402
 from perception3d.engine.run import RunFolder  # noqa: E402
 from perception3d.errors import ConfigError, Perception3DError  # noqa: E402
 from tools._tasks import get_task, task_name_of  # noqa: E402
@@ -39,17 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", metavar="DIR", default=None,
                     help="run folder (default: outputs/<config file stem>)")
     return ap
-
-
-def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += _diff(a, b, f"{prefix}{k}.")
-        elif a != b:
-            keys.append(f"{prefix}{k}: {a!r} -> {b!r}")
-    return keys
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         if is_main and args.resume and saved.is_file():
             import yaml
 
-            changed = _diff(yaml.safe_load(saved.read_text()) or {}, config_to_dict(cfg))
+            changed = config_differences(yaml.safe_load(saved.read_text()) or {}, config_to_dict(cfg))
             if changed:
                 print("warning: resuming with a config that differs from the run's saved config.yaml:\n  "
                       + "\n  ".join(changed), file=sys.stderr)

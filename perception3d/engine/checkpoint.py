@@ -11,6 +11,11 @@ atomically after the new checkpoint is complete, so a process killed at any mome
 A checkpoint is a dict loadable with `torch.load(weights_only=True)`:
 `{"model", "optimizer", "scheduler", "step", "rng", "config", "extra", "format"}`, where `rng` is a
 list with one RNG state per rank.
+
+Weights (`export_weights`): a `.safetensors` file of the model's tensors alone (float tensors in
+fp16 or fp32), with the run's whole config, its step and where it came from as metadata: what the
+model zoo ships. `read_checkpoint` / `load_checkpoint` read it as a checkpoint without optimizer
+state, float tensors back in float32.
 """
 from __future__ import annotations
 
@@ -25,9 +30,10 @@ from perception3d.errors import DataError
 from perception3d.io.atomic import atomic_path, fsync_dir
 
 __all__ = ["save_atomic", "CheckpointManager", "load_checkpoint", "read_checkpoint", "resolve_latest",
-           "unwrap_model", "FORMAT_VERSION"]
+           "unwrap_model", "export_weights", "FORMAT_VERSION", "WEIGHTS_FORMAT"]
 
 FORMAT_VERSION = 1
+WEIGHTS_FORMAT = "perception3d-weights-1"
 _STEP_RE = re.compile(r"^step_(\d+)\.pt$")
 LATEST = "latest.pt"
 
@@ -118,6 +124,8 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         DataError: the file is missing, truncated/corrupt, or not a checkpoint dict.
     """
     path = Path(path)
+    if path.suffix == ".safetensors":
+        return _read_weights(path, map_location)
     if path.is_dir():
         latest = resolve_latest(path / "ckpt") or resolve_latest(path)
         if latest is None:
@@ -133,6 +141,61 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(state, dict) or "model" not in state:
         raise DataError(f"{path}: not a perception3d checkpoint (expected a dict with a 'model' entry)")
     return state
+
+
+def export_weights(checkpoint: str | Path, out: str | Path, dtype: torch.dtype = torch.float16,
+                   config: dict | None = None) -> Path:
+    """Write a checkpoint's model weights as `out` (`.safetensors`, atomically): float tensors in
+    `dtype`, integer ones as they are, the run's config (`config`, else the one stored in the
+    checkpoint), step and source as metadata.
+
+    Raises:
+        DataError: an unreadable checkpoint, an `out` not ending in `.safetensors`, a `dtype` that
+            is not float16 / bfloat16 / float32.
+    """
+    import json
+
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise DataError(f"{out}: expected a .safetensors file name for the weights")
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise DataError(f"dtype: expected torch.float16, bfloat16 or float32, got {dtype}")
+    state = read_checkpoint(checkpoint)
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state["model"].items()}
+    meta = {"format": WEIGHTS_FORMAT, "config": json.dumps(config if config is not None else state.get("config") or {}),
+            "step": str(state.get("step", "")), "source": Path(checkpoint).name}
+    with atomic_path(out) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return out
+
+
+def _read_weights(path: Path, map_location) -> dict:
+    import json
+
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise DataError(f"{path}: weights file not found")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            model = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise DataError(f"{path}: cannot read the weights (truncated or not a safetensors file?): "
+                        f"{type(e).__name__}: {e}") from None
+    if meta.get("format") != WEIGHTS_FORMAT:
+        raise DataError(f"{path}: not perception3d weights (metadata format {meta.get('format')!r}, expected "
+                        f"{WEIGHTS_FORMAT!r}; tools/export_weights.py writes them)")
+    try:
+        config = json.loads(meta.get("config", "{}"))
+    except json.JSONDecodeError:
+        raise DataError(f"{path}: the config in its metadata is not valid JSON") from None
+    model = {k: (v.float() if v.is_floating_point() else v).to(map_location) for k, v in model.items()}
+    step = meta.get("step", "")
+    return {"model": model, "config": config, "step": int(step) if step.isdigit() else None,
+            "format": meta["format"]}
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,

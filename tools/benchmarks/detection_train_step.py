@@ -1,8 +1,8 @@
 """Benchmark: one whole detector training step, fp32 against bf16 autocast (`train.precision`).
 
-* Models: the DSVT of ``configs/detection/dsvt_fine_bev04_reg1_synthetic.yaml`` (0.2 m pillars,
-  a 0.4 m BEV stage) and SECOND of ``configs/detection/second_reg1_synthetic.yaml``, initial
-  weights, train mode, 2 threads.
+* Models: the zoo's DSVT (``configs/detection/dsvt_pillar.yaml``: 0.2 m pillars, a 0.4 m BEV
+  stage), SECOND (``second.yaml``) and PointPillars (``pointpillars.yaml``), initial weights,
+  train mode, 2 threads.
 * Input: a batch of 4 synthetic KITTI-layout frames (``perception3d.synthetic.generate_frame``
   seeds 0-3, the configs' batch size) with their boxes, cut to the point-cloud range, without
   augmentation.
@@ -35,7 +35,7 @@ from perception3d.synthetic import generate_frame
 
 ROOT = Path(__file__).resolve().parents[2]
 THREADS = 2
-CONFIGS = {"dsvt": "dsvt_fine_bev04_reg1_synthetic.yaml", "second": "second_reg1_synthetic.yaml"}
+CONFIGS = {"dsvt": "dsvt_pillar.yaml", "second": "second.yaml", "pointpillars": "pointpillars.yaml"}
 
 
 _frame = functools.lru_cache(maxsize=None)(generate_frame)  # both models see the same frames
@@ -91,7 +91,7 @@ def run(repeats: int = 5, quick: bool = False) -> dict:
         result[f"ms_{name}_bf16_new_batches"] = _step_ms(model, opt, new_batches, True, repeats)
         with torch.no_grad():
             result[f"voxels_{name}"] = model.voxelize(batch).num_voxels
-    result["speedup_dsvt_bf16"] = round(result["ms_dsvt_fp32"] / result["ms_dsvt_bf16"], 2)
-    result["speedup_second_bf16"] = round(result["ms_second_fp32"] / result["ms_second_bf16"], 2)
+    for name in CONFIGS:
+        result[f"speedup_{name}_bf16"] = round(result[f"ms_{name}_fp32"] / result[f"ms_{name}_bf16"], 2)
     result.update(batch_size=size, threads=THREADS, cpu_amx_bf16=amx)
     return result

@@ -1,9 +1,9 @@
 """Benchmark: DSVT backbone forward vs the spconv baseline, onnxruntime vs torch, the Waymo preset.
 
 * Input: one synthetic KITTI-layout frame (``perception3d.synthetic.generate_frame(0)``), cut to
-  the range of ``configs/detection/dsvt_synthetic.yaml`` and voxelized as each model does it:
-  0.4 m pillars (dynamic voxels, pillar VFE) for DSVT, 0.1 m hard voxels (mean VFE) for the
-  baseline of ``configs/detection/second_synthetic.yaml``. Models with their initial weights
+  the range of ``configs/detection/dsvt_pillar.yaml`` and voxelized as each model does it:
+  0.2 m pillars (dynamic voxels, pillar VFE) for DSVT, 0.1 m hard voxels (mean VFE) for the
+  baseline of ``configs/detection/second.yaml``. Models with their initial weights
   (the timing does not depend on the values), eval mode, no grad, batch 1, 2 threads.
 * ``ms_dsvt``: the DSVT backbone's plan (set partitions) + run, sparse features out.
   ``ms_spconv_baseline``: the SECOND backbone's sparse convs, sparse features out. The VFE and the
@@ -69,7 +69,7 @@ def run(repeats: int = 5, quick: bool = False) -> dict:
     waymo = (1_000, 2_000) if quick else (10_000, 20_000)
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
-    dsvt, second = _model("dsvt_synthetic.yaml"), _model("second_synthetic.yaml")
+    dsvt, second = _model("dsvt_pillar.yaml"), _model("second.yaml")
     r = dsvt.cfg.pc_range_m
     pts = torch.from_numpy(np.asarray(generate_frame(0).points_lidar, np.float32))
     pts = pts[(pts[:, 0] >= r[0]) & (pts[:, 0] < r[3]) & (pts[:, 1] >= r[1]) & (pts[:, 1] < r[4])
