@@ -17,7 +17,7 @@ import numpy as np
 
 from perception3d.errors import ConfigError, DataError
 from perception3d.io.kitti import KittiDataset
-from perception3d.structures import CLASSES
+from perception3d.io.kitti import BENCHMARK_CLASSES as CLASSES  # the classes detected and evaluated
 
 __all__ = ["AugmentConfig", "DetectionSample", "DetectionDataset", "frame_targets", "read_split"]
 

@@ -17,7 +17,7 @@ Keys of the metrics dict (AP in percent):
   the official moderate 3D AP), with a baseline `diag/CLASS/3d_R40_minus_baseline/moderate[_low|
   _high]` (the difference of official APs on the same frames, paired interval),
   `diag/CLASS/3d_R40_by_range/LO-HIm`, `diag/CLASS/3d_R40_oracle/PART` (`oracle_ap`) and
-  `diag/CLASS/box_error_median/NAME` (`perception3d.metrics.detection.box_errors`).
+  `diag/CLASS/box_error_median/NAME` (`detection.box_errors`).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from perception3d.geometry.boxes import points_in_boxes_count
 from perception3d.io.atomic import atomic_write_text
 from perception3d.io.kitti import KittiDataset, KittiLabels, camera_boxes_to_lidar
 from perception3d.io.pointcloud import read_kitti_bin
-from perception3d.metrics.detection import FrameGT, box_errors, kitti_difficulty
+from detection.box_errors import FrameGT, box_errors, kitti_difficulty
 from perception3d.metrics.kitti import (DIFFICULTIES, MIN_OVERLAP, KittiCurves, kitti_ap_by_range, kitti_ap_interval,
                                         kitti_eval, missed_objects, oracle_ap, prepare_curves)
 from perception3d.metrics.nuscenes import KITTI_TO_NUSCENES, NuScenesDets, NuScenesGT, nuscenes_eval

@@ -4,7 +4,7 @@ A batch of ``B`` LiDAR frames is stored packed with offsets (pytorch3d / fVDB st
 list of dicts: all points of all frames in one ``[N, C]`` tensor, frame ``b`` owning rows
 ``points[point_offsets[b]:point_offsets[b + 1]]``; likewise for the ground-truth boxes.
 Boxes follow the toolkit convention (``perception3d/design.md``): ``(x, y, z, dx, dy, dz, yaw)``,
-box centre, LiDAR frame, metres and radians. Labels index ``perception3d.structures.CLASSES``.
+box centre, LiDAR frame, metres and radians. Labels index ``CLASSES``, the KITTI benchmark's classes.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from perception3d.errors import DataError
-from perception3d.structures import CLASSES
+from perception3d.io.kitti import BENCHMARK_CLASSES as CLASSES  # the classes detected and evaluated
 
 __all__ = ["DetectionBatch", "collate"]
 

@@ -25,8 +25,9 @@ from perception3d.engine import distributed, fit, load_checkpoint, read_checkpoi
 from perception3d.errors import ConfigError, DataError
 from perception3d.io.atomic import atomic_write_text
 from perception3d.io.kitti import KittiDataset, KittiLabels, read_image
-from perception3d.structures import CLASSES, Detections3D
-from perception3d.viz import draw_bev, draw_camera, save_figure
+from detection.structures import CLASSES
+from perception3d.structures import Detections3D
+from detection.viz import draw_bev, draw_camera, save_figure
 
 __all__ = ["prepare_data", "train", "evaluate", "evaluate_model"]
 

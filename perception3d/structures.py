@@ -7,9 +7,7 @@ import torch
 
 from perception3d.errors import DataError
 
-__all__ = ["CLASSES", "Boxes3D", "Detections3D"]
-
-CLASSES = ("Car", "Pedestrian", "Cyclist")
+__all__ = ["Boxes3D", "Detections3D"]
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,26 @@ ROOT = Path(__file__).resolve().parents[1]
 CORE_MODULES = [
     "perception3d.sparse", "perception3d.ops.voxelize", "perception3d.geometry.iou", "perception3d.geometry.boxes",
     "perception3d.io.kitti", "perception3d.io.pointcloud", "perception3d.synthetic", "perception3d.engine",
-    "perception3d.metrics.detection", "perception3d.viz", "detection.task", "detection.models.detector",
+    "perception3d.metrics.kitti", "perception3d.metrics.nuscenes", "detection.task", "detection.models.detector",
+    "detection.viz", "detection.evaluation",
 ]
+
+
+def test_imports_go_one_way():
+    """detection and splatting import perception3d; never the reverse, and never each other
+    (DESIGN.md). Checked on the source: every import statement of every module."""
+    import ast
+
+    rules = {"perception3d": ("detection", "splatting", "tools", "tests"), "detection": ("splatting", "tools", "tests"),
+             "splatting": ("detection", "tools", "tests")}
+    bad = []
+    for package, forbidden in rules.items():
+        for path in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                         else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+                bad += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in forbidden]
+    assert not bad, bad
 
 
 def test_core_imports_without_the_extras():

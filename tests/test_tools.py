@@ -176,7 +176,7 @@ train: {max_steps: %d, batch_size: 8, lr: 0.01, log_every: 1, ckpt_every: 2, dev
 
 
 def toy_train(cfg: Path, out: Path, *extra: str, **kw):
-    cmd = [sys.executable, "tools/train.py", "--config", str(cfg), "--out", str(out), *extra]
+    cmd = [sys.executable, "tests/run_tool.py", "train", "--config", str(cfg), "--out", str(out), *extra]
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
@@ -190,10 +190,10 @@ def test_two_processes_never_share_a_run_folder_and_a_kill_leaves_no_stale_lock(
         while not (out / "ckpt" / "latest.pt").exists():  # the first run is training
             assert first.poll() is None and time.time() < deadline, first.communicate()
             time.sleep(0.2)
-        second = run([sys.executable, "tools/train.py", "--config", str(cfg), "--out", str(out), "--resume"])
+        second = run([sys.executable, "tests/run_tool.py", "train", "--config", str(cfg), "--out", str(out), "--resume"])
         assert second.returncode == 2
         assert f"another process (pid {first.pid}) is writing this folder" in second.stderr, second.stderr
-        ev = run([sys.executable, "tools/eval.py", "--config", str(cfg), "--ckpt", str(out), "--out", str(out)])
+        ev = run([sys.executable, "tests/run_tool.py", "eval", "--config", str(cfg), "--ckpt", str(out), "--out", str(out)])
         assert ev.returncode == 2 and "another process" in ev.stderr
     finally:
         first.send_signal(signal.SIGKILL)
@@ -202,7 +202,7 @@ def test_two_processes_never_share_a_run_folder_and_a_kill_leaves_no_stale_lock(
     leftover = out / "ckpt" / ".step_00000099.pt.12345.0badcafe.tmp.pt"
     leftover.write_bytes(b"partial")
     cfg.write_text(TOY % 6)
-    r = run([sys.executable, "tools/train.py", "--config", str(cfg), "--out", str(out), "--resume"])
+    r = run([sys.executable, "tests/run_tool.py", "train", "--config", str(cfg), "--out", str(out), "--resume"])
     assert r.returncode == 0, r.stderr
     assert not leftover.exists() and not (out / ".lock").exists()
 
@@ -211,20 +211,20 @@ def test_resume_logs_each_step_once(tmp_path):
     cfg = tmp_path / "toy.yaml"
     cfg.write_text(TOY % 6)
     out = tmp_path / "run"
-    ok([sys.executable, "tools/train.py", "--config", str(cfg), "--out", str(out)])
+    ok([sys.executable, "tests/run_tool.py", "train", "--config", str(cfg), "--out", str(out)])
     # as if the process had been killed after logging steps 5-6 but before their checkpoint
     ckpt = out / "ckpt"
     (ckpt / "latest.pt").unlink()
     (ckpt / "step_00000006.pt").unlink()
     (ckpt / "latest.pt").symlink_to("step_00000004.pt")
     (out / "metrics.json").unlink(missing_ok=True)
-    ok([sys.executable, "tools/train.py", "--config", str(cfg), "--out", str(out), "--resume"])
+    ok([sys.executable, "tests/run_tool.py", "train", "--config", str(cfg), "--out", str(out), "--resume"])
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     train_steps = [r["step"] for r in records if r.get("split") == "train"]
     assert train_steps == [1, 2, 3, 4, 5, 6]
     # killed before its first checkpoint: the resumed run starts at 0 and logs each step once
     shutil.rmtree(ckpt)
-    r = ok([sys.executable, "tools/train.py", "--config", str(cfg), "--out", str(out), "--resume"])
+    ok([sys.executable, "tests/run_tool.py", "train", "--config", str(cfg), "--out", str(out), "--resume"])
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r.get("split") == "train"] == [1, 2, 3, 4, 5, 6]
     assert any("no checkpoint" in r.get("message", "") for r in records)

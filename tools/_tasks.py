@@ -23,7 +23,6 @@ __all__ = ["TASKS", "Task", "import_string", "get_task", "task_name_of"]
 TASKS: dict[str, tuple[str, str, str]] = {
     "detection": ("detection.config:DetectionConfig", "detection.task:train", "detection.task:evaluate"),
     "splatting": ("splatting.config:SplatConfig", "splatting.trainer:train", "splatting.trainer:evaluate"),
-    "toy": ("perception3d.engine.toy:ToyConfig", "perception3d.engine.toy:train", "perception3d.engine.toy:evaluate"),
 }
 
 

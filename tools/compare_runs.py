@@ -80,7 +80,7 @@ def markdown_table(rows: list[dict], cls: str) -> str:
 
 def draw(rows: list[dict], cls: str, out: Path, title: str = "") -> None:
     """Each run's moderate 3D AP with its 95% interval over frames, one row per run, first on top."""
-    from perception3d.viz import plt, save_figure  # viz selects the non-interactive Agg backend
+    from detection.viz import plt, save_figure  # viz selects the non-interactive Agg backend
 
     n = len(rows)
     fig, ax = plt.subplots(figsize=(8, 0.42 * n + 1.3))

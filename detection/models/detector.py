@@ -31,9 +31,11 @@ from detection.models.center_head import CenterHead, CenterHeadOptions
 from detection.models.dsvt import DSVTBackbone, DSVTOptions
 from detection.models.pillars import PillarScatter
 from detection.structures import DetectionBatch
-from perception3d.ops.voxelize import MeanVFE, PillarVFE, grid_shape, voxelize_dynamic, voxelize_hard
+from detection.models.vfe import PillarVFE
+from perception3d.ops.voxelize import MeanVFE, grid_shape, voxelize_dynamic, voxelize_hard
 from perception3d.sparse import SparseVoxels
-from perception3d.structures import CLASSES, Detections3D
+from detection.structures import CLASSES
+from perception3d.structures import Detections3D
 
 __all__ = ["ModelConfig", "CenterPointDetector"]
 
@@ -54,7 +56,7 @@ class ModelConfig:
         max_voxels_test: voxels kept per frame in eval mode (``second``).
         vfe: voxel feature encoder of the ``second`` backbone; ``"mean"``: the mean of the voxel's
             points. The ``dsvt`` backbone always encodes dynamic voxels with a
-            :class:`~perception3d.ops.voxelize.PillarVFE` (see ``pillar_vfe_filters``).
+            :class:`~detection.models.vfe.PillarVFE` (see ``pillar_vfe_filters``).
         pillar_vfe_filters: PFN layer widths of the pillar VFE of the ``dsvt`` and ``pillars``
             backbones (DSVT's: ``[128, 128]``, PointPillars': ``[64]``); empty: one layer of width
             ``dsvt.d_model`` (``dsvt``) or 64 (``pillars``). For ``dsvt``, a last width other than

@@ -28,7 +28,6 @@ from perception3d.errors import DataError
 from perception3d.io.atomic import atomic_write_text
 from perception3d.geometry.camera import KittiCalibration
 from perception3d.io.pointcloud import read_kitti_bin
-from perception3d.structures import CLASSES
 
 __all__ = [
     "LABEL_FORMAT",
@@ -36,6 +35,7 @@ __all__ = [
     "KittiFrame",
     "KittiDataset",
     "KITTI_CLASSES",
+    "BENCHMARK_CLASSES",
     "read_label",
     "read_calib",
     "read_image",
@@ -48,6 +48,7 @@ __all__ = [
 LABEL_FORMAT = "type truncated occluded alpha x1 y1 x2 y2 h w l x y z rotation_y"
 _EXPECTED = f"15 fields: {LABEL_FORMAT} (16 with a trailing score)"
 KITTI_CLASSES = ("Car", "Van", "Truck", "Pedestrian", "Person_sitting", "Cyclist", "Tram", "Misc", "DontCare")
+BENCHMARK_CLASSES = ("Car", "Pedestrian", "Cyclist")  # the classes the KITTI benchmark evaluates
 """The object types of the KITTI object benchmark, spelled as in its label files."""
 
 
@@ -314,7 +315,7 @@ class KittiFrame:
     radar: np.ndarray | None = None
     image_shape: tuple[int, int] | None = field(default=None)  # (H, W) when known
 
-    def gt_boxes(self, classes: Sequence[str] = CLASSES) -> tuple[np.ndarray, np.ndarray]:
+    def gt_boxes(self, classes: Sequence[str] = BENCHMARK_CLASSES) -> tuple[np.ndarray, np.ndarray]:
         """Ground truth of the given classes: `(boxes [K, 7] float32, class ids [K] int64)`."""
         keep = np.isin(self.labels.names, list(classes))
         ids = np.array([list(classes).index(n) for n in self.labels.names[keep]], dtype=np.int64)

@@ -1,6 +1,6 @@
 """Evaluation metrics: the KITTI evaluation (`metrics.kitti`, the devkit's algorithm), the nuScenes
-detection evaluation (`metrics.nuscenes`, nuscenes-devkit's definitions; re-exported here) and our
-LiDAR-frame diagnostics (`metrics.detection`)."""
+detection evaluation (`metrics.nuscenes`, nuscenes-devkit's definitions; re-exported here). Our
+own LiDAR-frame box errors are the detectors' (`detection.box_errors`)."""
 from perception3d.metrics.nuscenes import (
     KITTI_TO_NUSCENES,
     NUSCENES_ATTRIBUTES,

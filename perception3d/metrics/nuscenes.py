@@ -29,7 +29,7 @@ KITTI classes). The rules:
   0 beyond the last recall) at the 101 recall points `0, 0.01, .., 1`, the score likewise.
 * AP (`calc_ap`): mean over the recall points above 0.1 (indices 11..100) of
   `max(0, precision - 0.1)`, divided by `1 - 0.1`. A fraction in [0, 1], as the devkit reports
-  it (`metrics.detection.nuscenes_map` uses percent and a simplified matching).
+  it.
 * TP errors (`calc_tp`, at the 2 m threshold): for each match, ATE = BEV centre distance (m),
   ASE = `1 - IoU` of the boxes aligned at one centre and heading, AOE = smallest yaw difference
   (rad; period pi for `barrier`), AVE = `|v_det - v_gt|` of the xy velocities (m/s), AAE =
@@ -89,7 +89,7 @@ NUSCENES_CLASS_RANGE_M = {"car": 50, "truck": 50, "bus": 50, "trailer": 50, "con
 NUSCENES_ATTRIBUTES = ("pedestrian.moving", "pedestrian.sitting_lying_down", "pedestrian.standing",
                        "cycle.with_rider", "cycle.without_rider", "vehicle.moving", "vehicle.parked",
                        "vehicle.stopped")
-#: The toolkit's KITTI classes (`structures.CLASSES`) as nuScenes detection classes.
+#: The KITTI benchmark's classes (`io.kitti.BENCHMARK_CLASSES`, the detectors' classes) as nuScenes ones.
 KITTI_TO_NUSCENES = {"Car": "car", "Pedestrian": "pedestrian", "Cyclist": "bicycle"}
 #: Matching thresholds on the BEV centre distance (m); the TP errors use 2 m.
 NUSCENES_DIST_THRESHOLDS_M = (0.5, 1.0, 2.0, 4.0)

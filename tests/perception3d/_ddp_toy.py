@@ -13,8 +13,10 @@ from pathlib import Path
 
 import torch
 
-from perception3d.engine import TrainConfig, distributed, fit, seed_everything
-from perception3d.engine.toy import ToyDataset, ToyMLP, collate
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: tests.toy_task
+
+from perception3d.engine import TrainConfig, distributed, fit, seed_everything  # noqa: E402
+from tests.toy_task import ToyDataset, ToyMLP, collate  # noqa: E402
 
 
 def main(out: Path) -> None:

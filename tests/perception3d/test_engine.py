@@ -14,7 +14,7 @@ import torch
 
 from perception3d.engine import (CheckpointManager, LRFactor, ShardedBatchSampler, TrainConfig, fit, load_checkpoint,
                                  move_to_device, read_checkpoint, resolve_latest, sample_seed)
-from perception3d.engine.toy import ToyConfig, ToyDataConfig, ToyDataset, ToyMLP, ToyModelConfig, collate
+from tests.toy_task import ToyConfig, ToyDataConfig, ToyDataset, ToyMLP, ToyModelConfig, collate
 from perception3d.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -334,7 +334,7 @@ with denormals_flushed():
 after = thread_flushes_denormals()
 
 import tempfile
-from perception3d.engine.toy import ToyConfig, train
+from tests.toy_task import ToyConfig, train
 from perception3d.config import from_dict
 cfg = from_dict(ToyConfig, {"task": "toy", "train": {"max_steps": 2, "batch_size": 8, "device": "cpu",
                                                    "progress": False}})
@@ -379,7 +379,9 @@ train: {max_steps: 4, batch_size: 8, lr: 0.01, log_every: 2, ckpt_every: 2, devi
 
 def cli(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH="")
-    return subprocess.run([sys.executable, str(REPO / "tools" / script), *args], cwd=cwd, env=env,
+    # tests/run_tool.py: the tool's main with the test-only toy task registered
+    return subprocess.run([sys.executable, str(REPO / "tests" / "run_tool.py"), script.removesuffix(".py"), *args],
+                          cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=120)
 
 

@@ -21,7 +21,8 @@ from perception3d.metrics.nuscenes import (
     NuScenesGT,
     nuscenes_eval,
 )
-from perception3d.structures import CLASSES, Boxes3D
+from perception3d.io.kitti import BENCHMARK_CLASSES as CLASSES
+from perception3d.structures import Boxes3D
 
 SIZES = {"car": (4.5, 1.9, 1.6), "truck": (7.0, 2.5, 3.0), "bus": (11.0, 2.9, 3.4),
          "pedestrian": (0.7, 0.6, 1.75), "bicycle": (1.7, 0.6, 1.3), "motorcycle": (2.1, 0.8, 1.5),

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from perception3d.errors import DataError
-from perception3d.structures import CLASSES, Boxes3D, Detections3D
+from detection.structures import CLASSES
+from perception3d.structures import Boxes3D, Detections3D
 
 __all__ = ["FrameGT", "DIFFICULTIES", "kitti_difficulty", "box_errors"]
 

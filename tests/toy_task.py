@@ -1,7 +1,8 @@
-"""A toy regression task: the smallest complete example of a task the tools can run.
+"""A test fixture: a toy regression task, the smallest complete example of a task module.
 
-A YAML file holding just `task: toy` (plus any `train:` / `data:` / `model:` overrides) is a
-complete config: `python tools/train.py --config toy.yaml --set train.max_steps=50`. It trains a small
+Not one of the toolkit's tasks: the tests register it (`tests/run_tool.py`), so that a YAML file
+holding just `task: toy` (plus any `train:` / `data:` / `model:` overrides) is a complete config:
+`python tests/run_tool.py train --config toy.yaml --set train.max_steps=50`. It trains a small
 MLP with dropout on noisy samples of a fixed function, with random augmentation drawn from the
 global torch and NumPy generators (made reproducible by the engine's per-sample seeding). It is
 used by the engine's tests (exact resume, DDP, the command line) and shows what a task module

@@ -1,4 +1,4 @@
-"""perception3d.metrics.detection: the LiDAR-frame diagnostics (difficulty levels, box errors).
+"""detection.box_errors: the LiDAR-frame diagnostics (difficulty levels, box errors).
 
 The KITTI and nuScenes evaluations are tested in test_metrics_kitti.py and test_metrics_nuscenes.py."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from perception3d.errors import DataError
-from perception3d.metrics.detection import FrameGT, box_errors, kitti_difficulty
+from detection.box_errors import FrameGT, box_errors, kitti_difficulty
 from perception3d.structures import Boxes3D, Detections3D
 
 SIZES = {0: (4.0, 1.8, 1.6), 1: (0.8, 0.6, 1.8), 2: (1.8, 0.6, 1.7)}
