@@ -10,6 +10,7 @@ setup(
     version="0.1.0",
     description="Sparse 3D perception (spconv detectors) and Gaussian splatting on one core",
     python_requires=">=3.10",
+    license="Apache-2.0",
     packages=find_packages(include=["perception3d*", "detection*", "splatting*"]),
     install_requires=[
         # torch is pinned by the install script (CPU build from local disk); a looser

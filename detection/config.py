@@ -79,6 +79,8 @@ class EvalConfig:
     Attributes:
         distance_bins_m: BEV range bins for AP by distance.
         num_pictures: validation frames drawn (BEV + camera) after evaluation.
+        picture_score: the lowest score of a detection drawn in the pictures (the metrics use
+            every detection).
         real_kitti_root: a real KITTI-layout root to run inference on and draw (skipped if absent).
         baseline: a folder of KITTI result files for the held-out frames (another run's
             `predictions/`, which every evaluation writes) to compare with: the metrics then hold
@@ -88,6 +90,7 @@ class EvalConfig:
 
     distance_bins_m: tuple[float, ...] = (0.0, 20.0, 40.0, 70.4)
     num_pictures: int = 2
+    picture_score: float = 0.3
     real_kitti_root: Optional[str] = "../shared/data/kitti"
     baseline: Optional[str] = None
 
@@ -99,6 +102,8 @@ class EvalConfig:
                               f">= 0 in metres (bin edges, e.g. [0, 20, 40, 70.4]), got {list(bins)}")
         if self.num_pictures < 0:
             raise ConfigError(f"eval.num_pictures: expected a count >= 0, got {self.num_pictures}")
+        if not 0.0 <= self.picture_score <= 1.0:
+            raise ConfigError(f"eval.picture_score: expected a score in [0, 1], got {self.picture_score}")
         for name in ("real_kitti_root", "baseline"):
             value = getattr(self, name)
             if value is not None and not value.strip():

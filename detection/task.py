@@ -139,12 +139,14 @@ def evaluate_model(model, dataset: DetectionDataset, distance_bins_m=(0.0, 20.0,
     return evaluate_detections(dataset.kitti, dets, dataset.classes, distance_bins_m, baseline), dets
 
 
-def _draw_frame(path: Path, points, frame, gt_boxes, det: Detections3D, pc_range, title: str) -> None:
+def _draw_frame(path: Path, points, frame, gt_boxes, det: Detections3D, pc_range, title: str,
+                min_score: float) -> None:
     fig = plt.figure(figsize=(13, 6.5))
     ax_bev = fig.add_axes([0.0, 0.0, 0.38, 1.0])
     ax_cam = fig.add_axes([0.40, 0.25, 0.60, 0.5])
-    boxes = det.boxes.tensor.numpy()
-    draw_bev(ax_bev, points, gt_boxes, boxes, det.scores.numpy(), pc_range, title=f"{title}: BEV")
+    keep = (det.scores >= min_score).numpy()
+    boxes, scores = det.boxes.tensor.numpy()[keep], det.scores.numpy()[keep]
+    draw_bev(ax_bev, points, gt_boxes, boxes, scores, pc_range, title=f"{title}: BEV (scores >= {min_score:g})")
     if frame.image is not None:
         draw_camera(ax_cam, frame.image, frame.calib, gt_boxes, boxes, title="camera (green GT, red predicted)")
     else:
@@ -162,7 +164,8 @@ def _pictures(model, cfg: DetectionConfig, val_set: DetectionDataset, dets, out_
         frame = KittiDataset(val_set.kitti.root, ids=[fid], load_image=has_image)[0]
         gt_boxes, _, _ = frame_targets(frame, val_set.classes)
         path = pic_dir / f"val_{frame.frame_id}.png"
-        _draw_frame(path, frame.points_lidar, frame, gt_boxes, dets[i], val_set.pc_range, f"synthetic {frame.frame_id}")
+        _draw_frame(path, frame.points_lidar, frame, gt_boxes, dets[i], val_set.pc_range, f"synthetic {frame.frame_id}",
+                    cfg.eval.picture_score)
         written.append(str(path))
     if real_ds is not None:
         device = next(model.parameters()).device
@@ -181,7 +184,8 @@ def _pictures(model, cfg: DetectionConfig, val_set: DetectionDataset, dets, out_
                 det = model(batch)[0]
             det = Detections3D(det.boxes.to("cpu"), det.scores.cpu(), det.labels.cpu())
             path = pic_dir / f"real_kitti_{frame.frame_id}.png"
-            _draw_frame(path, frame.points_lidar, frame, gt_boxes, det, r, f"real KITTI {frame.frame_id}")
+            _draw_frame(path, frame.points_lidar, frame, gt_boxes, det, r, f"real KITTI {frame.frame_id}",
+                        cfg.eval.picture_score)
             written.append(str(path))
     return written
 

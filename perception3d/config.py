@@ -1,4 +1,4 @@
-"""Frozen-dataclass configs loaded from YAML (DESIGN.md principle 2).
+"""Frozen-dataclass configs loaded from YAML: strict, typed, and the same for every task.
 
 A config file is plain YAML read with `yaml.safe_load` and checked strictly against a (nested)
 frozen dataclass:

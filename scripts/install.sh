@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-# open3d imports need libusb; its headless renderers need EGL/GL (see DESIGN.md); g++ builds the
+# open3d imports need libusb; its headless renderers need EGL/GL (libegl1, libgl1); g++ builds the
 # C++ CPU rasterizer of splatting/ (compiled once, below).
 PKGS="libusb-1.0-0 libgomp1 libegl1 libgl1 g++"
 missing=$(for p in $PKGS; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)

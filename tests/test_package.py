@@ -19,7 +19,7 @@ CORE_MODULES = [
 
 def test_imports_go_one_way():
     """detection and splatting import perception3d; never the reverse, and never each other
-    (DESIGN.md). Checked on the source: every import statement of every module."""
+    (perception3d/design.md). Checked on the source: every import statement of every module."""
     import ast
 
     rules = {"perception3d": ("detection", "splatting", "tools", "tests"), "detection": ("splatting", "tools", "tests"),

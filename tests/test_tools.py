@@ -52,22 +52,45 @@ def ok(cmd: list[str], timeout: float = 600) -> dict:
 
 
 def main_job_commands() -> list[list[str]]:
-    """The training commands of the README's main job (its first bash block, after the install)."""
-    block = re.search(r"```bash\n(.*?)```", README.read_text(), flags=re.S).group(1)
+    """The commands of the README's main job (its first bash block that trains), after the install."""
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S) if "train.py" in b)
     commands = [shlex.split(c) for c in block.strip().split("&&")]
     assert commands[0] == ["bash", "scripts/install.sh"], commands[0]
     return commands[1:]
 
 
-def test_readme_main_job_is_two_trainings():
+def test_readme_main_job_trains_both_halves_and_evaluates_shipped_weights():
     cmds = main_job_commands()
-    assert [c[:3] for c in cmds] == [["python3", "tools/train.py", "--config"]] * 2
-    assert [c[3] for c in cmds] == list(TINY)
+    trainings = [c for c in cmds if c[1] == "tools/train.py"]
+    assert [c[:3] for c in trainings] == [["python3", "tools/train.py", "--config"]] * 2
+    assert [c[3] for c in trainings] == list(TINY)
+    evals = [c for c in cmds if c[1] == "tools/eval.py"]
+    assert len(evals) == 1 and len(cmds) == 3, cmds
+
+
+def test_readme_main_job_shipped_second_detects(tmp_path):
+    """The main job's evaluation of the shipped SECOND weights, on a few frames of the same
+    generator: the trained model finds the cars (a briefly trained one does not), and draws them."""
+    cmd = next(c for c in main_job_commands() if c[1] == "tools/eval.py")
+    args = cmd[2:]
+    ckpt = args[args.index("--ckpt") + 1]
+    out = tmp_path / "shipped"
+    args[args.index("--out") + 1] = str(out)
+    tiny = [f"data.root={tmp_path / 'data'}", "data.synthetic.frames=6", "data.synthetic.val_fraction=1.0",
+            "eval.num_pictures=1"]
+    result = ok([sys.executable, "tools/eval.py", *args, *[a for s in tiny for a in ("--set", s)]])
+    m = result["metrics"]
+    assert result["checkpoint"] == ckpt and result["val_frames"] == 6
+    assert m["diag/Car/3d_recall/moderate"] >= 85, m["diag/Car/3d_recall/moderate"]
+    assert m["nuscenes/Car/AP"] >= 80, m["nuscenes/Car/AP"]
+    assert all(Path(p).is_file() for p in result["pictures"])
+    if KITTI.is_dir():
+        assert any("real_kitti_000008" in p for p in result["pictures"])
 
 
 @pytest.mark.parametrize("config", list(TINY), ids=["detection", "splatting"])
 def test_readme_main_job_then_eval(config, tmp_path):
-    cmd = next(c for c in main_job_commands() if c[3] == config)
+    cmd = next(c for c in main_job_commands() if c[1] == "tools/train.py" and c[3] == config)
     out, data = tmp_path / "run", tmp_path / "data"
     tiny = [a for s in [*TINY[config], f"data.root={data}"] for a in ("--set", s)]
     summary = ok([sys.executable, *cmd[1:], *tiny, "--out", str(out)])

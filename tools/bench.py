@@ -1,7 +1,7 @@
 """Run one benchmark: `python tools/bench.py NAME [--repeats N] [--quick]`.
 
 Each benchmark lives in `tools/benchmarks/NAME.py` with `run(repeats: int, quick: bool) -> dict`;
-the result is printed as the last line, one JSON object (see DESIGN.md). `--quick` runs it on tiny
+the result is printed as the last line, one JSON object (the figures and their commands: docs/benchmarks.md). `--quick` runs it on tiny
 inputs with one repeat, in seconds: it checks that the benchmark works end to end (the tests run
 every benchmark so); its numbers are not the benchmark's figures, and its JSON says `"quick": true`.
 """

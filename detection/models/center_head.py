@@ -15,9 +15,8 @@ Data flow:
   ``cos yaw < 0``.
 - **Why the double angle**: a box and the same box turned by pi are the same box, and many objects
   look alike from front and back (pedestrians; cars seen side-on or far away). Regressing
-  ``(sin yaw, cos yaw)`` of such objects averages two opposite targets into a short, noisy vector
-  (measured on the synthetic data: median norm 0.35, yaw error mod pi 0.26 rad), which ruins the
-  IoU. ``2 yaw`` is the same for both, so the box axis is learnt cleanly; which end is the front
+  ``(sin yaw, cos yaw)`` of such objects averages two opposite targets into a short, noisy vector, which ruins
+  the IoU. ``2 yaw`` is the same for both, so the box axis is learnt cleanly; which end is the front
   is a separate binary classification (SECOND's direction classifier), which costs no IoU when it
   is wrong.
 - **loss** (:meth:`CenterHead.loss`): CenterNet focal loss on the heatmap normalised by the number

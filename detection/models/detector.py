@@ -267,7 +267,7 @@ class CenterPointDetector(nn.Module):
         sv = self.voxelize(batch)
         bev, _ = self.backbone3d(sv)
         # channels-last (DSVT's fold already returns it): the same convolutions, faster in oneDNN,
-        # most of all in bf16 (train.precision); "Training speed" in detection/design.md
+        # most of all in bf16 (train.precision); "Training speed" in docs/experiments/dsvt_vs_second.md
         out = self.head(self.bev_backbone(bev.contiguous(memory_format=torch.channels_last)))
         if not self.training:
             return self.head.decode(out)

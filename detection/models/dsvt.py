@@ -313,11 +313,9 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     """Softmax attention with a boolean key mask (True = attend) on [T, H, L, dh] tensors.
 
     Short sets go through explicit matmul + softmax, longer ones through
-    ``F.scaled_dot_product_attention``: on 2 CPU threads with 8 heads of 24 channels the explicit
-    form took 5.6 ms vs 33 ms for 1183 sets of 8, 6.1 vs 9.3 ms for 234 sets of 24, and 71 vs
-    55 ms for 700 sets of 36. Always fp32, also under bf16 autocast (`train.precision`): the
-    softmax keeps its precision, and on CPU the bf16 fused attention's backward took 780 ms per
-    training step of the 0.2 m pillar DSVT against 40 ms in fp32.
+    ``F.scaled_dot_product_attention`` (the faster of the two on CPU for each size). Always fp32,
+    also under bf16 autocast (`train.precision`): the softmax keeps its precision, and the CPU's
+    bf16 fused attention backward is many times slower (timings: docs/detection.md).
     """
     with torch.autocast(q.device.type, enabled=False):
         q, k, v = q.float(), k.float(), v.float()

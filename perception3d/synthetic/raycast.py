@@ -1,6 +1,6 @@
 """Ray casting against a ground plane and yaw-rotated boxes (the synthetic scene's primitives).
 
-Two implementations with one signature (DESIGN.md principle 3):
+Two implementations with one signature: a fast one and a plain reference that tests compare it with.
 
 * `raycast` - numba, one pass per ray over all boxes with a bounding-sphere pre-test;
 * `raycast_reference` - plain vectorized numpy slab test over rays x boxes, chunked for memory.

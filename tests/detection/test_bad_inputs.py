@@ -336,6 +336,8 @@ CASES = [
              r"eval\.distance_bins_m: expected at least 2 finite, strictly increasing .*got \[0\.0, 40\.0, 20\.0\]"),
     BadInput("distance_bins_too_short", train_with("eval.distance_bins_m=[30]"),
              r"eval\.distance_bins_m: expected at least 2 .*got \[30\.0\]"),
+    BadInput("picture_score_above_one", train_with("eval.picture_score=30"),
+             r"eval\.picture_score: expected a score in \[0, 1\], got 30"),
     BadInput("augment_scale_reversed", train_with("data.augment.scale=[1.05, 0.95]"),
              r"data\.augment\.scale: expected \(low, high\) with low <= high, got \[1\.05, 0\.95\]"),
     BadInput("augment_scale_zero", train_with("data.augment.scale=[0, 1]"),
