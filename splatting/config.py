@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Optional
 
 from perception3d.errors import ConfigError
@@ -75,6 +76,9 @@ class SplatDataConfig:
         root: a COLMAP folder (``sparse/0`` + ``images/``), a transforms.json (or its folder:
             Blender / instant-ngp / nerfstudio), or an LLFF folder (``poses_bounds.npy``).
         synthetic: if set and ``root`` does not exist, the synthetic scene is generated there.
+        images: the image folder under ``root`` of a COLMAP or LLFF scene, e.g. ``images_8`` (LLFF
+            scenes are published with ``images_4/`` and ``images_8/``, 4x and 8x smaller, beside
+            ``images/``); null: ``images/``, or an LLFF scene's only ``images*`` folder.
         downscale: integer image downscale factor (intrinsics follow).
         test_every: every n-th view (sorted by name) is held out for evaluation (0: none).
         background: RGB the renders are composited on, and RGBA images are flattened on.
@@ -82,6 +86,7 @@ class SplatDataConfig:
 
     root: str = "data_cache/synthetic_views"
     synthetic: Optional[SyntheticViewsConfig] = field(default_factory=SyntheticViewsConfig)
+    images: Optional[str] = None
     downscale: int = 1
     test_every: int = 8
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)
@@ -89,6 +94,10 @@ class SplatDataConfig:
     def __post_init__(self) -> None:
         _require(isinstance(self.root, str) and self.root.strip() != "", "data.root", self.root,
                  "a dataset path (a COLMAP / LLFF folder or a transforms .json)")
+        if self.images is not None:
+            _require(isinstance(self.images, str) and self.images.strip() != "" and not Path(self.images).is_absolute()
+                     and ".." not in Path(self.images).parts, "data.images", self.images,
+                     "a folder name under data.root (e.g. images_8) or null")
         _int_at_least(self, "data", "downscale", 1)
         _int_at_least(self, "data", "test_every", 0)
         bg = self.background

@@ -138,7 +138,7 @@ def _device(cfg: SplatConfig) -> torch.device:
 
 
 def _datasets(cfg: SplatConfig) -> tuple[SplatDataset, SplatDataset]:
-    scene = load_scene(prepare_scene(cfg.data))
+    scene = load_scene(prepare_scene(cfg.data), images=cfg.data.images)
     kw = dict(downscale=cfg.data.downscale, test_every=cfg.data.test_every, background_rgb=cfg.data.background)
     train_set, test_set = SplatDataset(scene, "train", **kw), SplatDataset(scene, "test", **kw)
     if len(train_set) == 0:

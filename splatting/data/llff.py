@@ -34,12 +34,13 @@ def llff_to_camtoworld(pose: np.ndarray) -> np.ndarray:
     return c2w
 
 
-def load_llff(root: str | Path, images_dir: str = "images") -> Scene:
+def load_llff(root: str | Path, images_dir: str | None = None) -> Scene:
     """Load an LLFF dataset as a `Scene` (with `bounds [N, 2]` near/far per frame).
 
     Args:
         root: dataset folder holding `poses_bounds.npy`.
-        images_dir: image folder relative to `root` (e.g. "images_4" for the 4x smaller copies).
+        images_dir: image folder relative to `root` (e.g. "images_4" for the 4x smaller copies);
+            None: `images/`, or the only `images*` folder when there is no `images/`.
 
     Raises:
         DataError: missing/malformed `poses_bounds.npy` (not `[N, 17]`, NaN, a pose that is not a
@@ -57,9 +58,13 @@ def load_llff(root: str | Path, images_dir: str = "images") -> Scene:
     if arr.ndim != 2 or arr.shape[1] != 17 or arr.shape[0] == 0:
         raise DataError(f"{path}: expected an [N, 17] array (3x5 pose + near, far per image); got shape {arr.shape}")
     arr = check_finite(arr, str(path))
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("images"))
+    if images_dir is None:
+        images_dir = "images" if "images" in folders or len(folders) != 1 else folders[0]
     image_root = root / images_dir
     if not image_root.is_dir():
-        raise DataError(f"{image_root}: image folder not found")
+        raise DataError(f"{image_root}: image folder not found; image folders in {root}: "
+                        f"{', '.join(folders) or 'none'} (choose one with data.images, e.g. data.images=images_8)")
     files = sorted(p for p in image_root.iterdir() if p.is_file() and p.suffix in IMAGE_EXTENSIONS)
     n = arr.shape[0]
     if len(files) != n:

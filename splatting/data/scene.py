@@ -249,7 +249,7 @@ def check_image_size(path: Path, width: int, height: int, where: str) -> None:
 # ------------------------------------------------------------------------------------------------
 # format detection
 # ------------------------------------------------------------------------------------------------
-def load_scene(path: str | Path, format: str | None = None) -> Scene:
+def load_scene(path: str | Path, format: str | None = None, images: str | None = None) -> Scene:
     """Load a multi-view dataset, detecting its format.
 
     Looked for, in this order (a folder may hold several; COLMAP wins because it carries points):
@@ -262,6 +262,8 @@ def load_scene(path: str | Path, format: str | None = None) -> Scene:
     Args:
         path: dataset folder (or a transforms json file).
         format: force "colmap", "transforms" or "llff" instead of detecting.
+        images: the image folder under `path` for COLMAP and LLFF (e.g. "images_8"); None: their
+            default (`images/`; for LLFF without one, its only `images*` folder).
 
     Raises:
         DataError: missing path, or no known layout (the message lists what was looked for).
@@ -273,23 +275,36 @@ def load_scene(path: str | Path, format: str | None = None) -> Scene:
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: dataset path does not exist")
+
+    def transforms(p):
+        if images is not None:
+            raise DataError(f"{path}: a transforms.json scene names its own image files; the image folder "
+                            f"{images!r} applies to COLMAP and LLFF scenes only")
+        return load_transforms(p)
+
+    def colmap(p):
+        return load_colmap(p) if images is None else load_colmap(p, images_dir=images)
+
+    def llff(p):
+        return load_llff(p, images_dir=images)
+
     if format is not None:
-        loaders = {"colmap": load_colmap, "transforms": load_transforms, "llff": load_llff}
+        loaders = {"colmap": colmap, "transforms": transforms, "llff": llff}
         if format not in loaders:
             raise DataError(f"format={format!r}: expected one of {sorted(loaders)}")
         return loaders[format](path)
     if path.is_file():
         if path.suffix == ".json":
-            return load_transforms(path)
+            return transforms(path)
         if path.name == "poses_bounds.npy":
-            return load_llff(path.parent)
+            return llff(path.parent)
         raise DataError(f"{path}: expected a dataset folder, a transforms .json file or poses_bounds.npy")
     if find_colmap_model(path) is not None:
-        return load_colmap(path)
+        return colmap(path)
     if find_transforms_files(path):
-        return load_transforms(path)
+        return transforms(path)
     if (path / "poses_bounds.npy").is_file():
-        return load_llff(path)
+        return llff(path)
     raise DataError(f"{path}: unknown dataset layout; looked for sparse/0/cameras.{{bin,txt}} or "
                     "sparse/cameras.{bin,txt} (COLMAP), transforms.json or transforms_{train,val,test}.json "
                     "(Blender / instant-ngp / nerfstudio), poses_bounds.npy (LLFF)")

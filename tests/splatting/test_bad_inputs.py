@@ -124,6 +124,19 @@ def llff_edit(tmp: Path, fn):
     return loads(root)
 
 
+def llff_published(tmp: Path) -> Path:
+    """The LLFF copy of the scene laid out as LLFF scenes are published, without `images/`:
+    `images_4/` and `images_8/` (here copies at 1/2 and 1/4 size) beside `poses_bounds.npy`."""
+    root = scene(tmp, "llff")
+    for name, f in (("images_4", 2), ("images_8", 4)):
+        (root / name).mkdir()
+        for p in sorted((root / "images").iterdir()):
+            with Image.open(p) as im:
+                im.resize((im.width // f, im.height // f)).save(root / name / p.name)
+    shutil.rmtree(root / "images")
+    return root
+
+
 def zero_rotation(a: np.ndarray) -> None:
     a[2, [0, 1, 2, 5, 6, 7, 10, 11, 12]] = 0.0  # row 2's 3x3 rotation (columns 0-2 of its 3x5 pose)
 
@@ -377,6 +390,14 @@ CASES = [
     BadInput("cgs-not-a-cgs", lambda t: cgs_load(ply(t, name="g.cgs")), r"g\.cgs: not a compact Gaussian file"),
     # config fields: refused when the config loads, before data.root is touched
     BadInput("cfg-test-every-negative", lambda t: train(t, "data.test_every=-1"), r"data\.test_every=-1: expected"),
+    BadInput("llff-published-no-images-dir", lambda t: (llff_published(t), train(t))[1],
+             r"scene/images: image folder not found; image folders in .*scene: images_4, images_8 "
+             r"\(choose one with data\.images, e\.g\. data\.images=images_8\)"),
+    BadInput("cfg-images-on-transforms", lambda t: (scene(t), train(t, "data.images=images_8"))[1],
+             r"scene: a transforms\.json scene names its own image files; the image folder 'images_8' applies "
+             r"to COLMAP and LLFF scenes only"),
+    BadInput("cfg-images-absolute", lambda t: train(t, "data.images=/tmp/x"),
+             r"data\.images='/tmp/x': expected a folder name under data\.root \(e\.g\. images_8\) or null"),
     BadInput("cfg-downscale-zero", lambda t: train(t, "data.downscale=0"),
              r"data\.downscale=0: expected a whole number >= 1"),
     BadInput("cfg-background", lambda t: train(t, "data.background=[1.0, 2.0, 1.0]"),

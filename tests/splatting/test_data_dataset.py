@@ -1,6 +1,7 @@
 """SplatDataset (splits, downscaling, undistortion, cameras) and the LLFF reader."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -254,3 +255,22 @@ def test_llff_errors(tmp_path):
     np.save(tmp_path / "poses_bounds.npy", arr[:, :15])
     with pytest.raises(DataError, match=r"expected an \[N, 17\] array"):
         load_llff(tmp_path)
+
+
+def test_llff_published_layout_reads_the_chosen_image_folder(tmp_path):
+    """LLFF scenes as published: `images_4/` and `images_8/` beside `images/`; `images=` picks one,
+    the intrinsics follow its size, and without `images/` the only `images*` folder is taken."""
+    _llff(tmp_path, img_wh=(40, 30))                     # images/ at half the stored 80x60
+    for name, (w, h) in (("images_4", (20, 15)), ("images_8", (10, 7))):
+        (tmp_path / name).mkdir()
+        for i in range(2):
+            Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(tmp_path / name / f"IMG_{i:02d}.JPG")
+    assert load_scene(tmp_path).frames[0].width == 40
+    f = load_scene(tmp_path, images="images_4").frames[1]
+    assert (f.width, f.height) == (20, 15)
+    np.testing.assert_allclose(f.K, [[25, 0, 10], [0, 25, 7.5], [0, 0, 1]])
+    with pytest.raises(DataError, match=r"images_2: image folder not found; image folders in .*: images, images_4, images_8"):
+        load_scene(tmp_path, images="images_2")
+    shutil.rmtree(tmp_path / "images")
+    shutil.rmtree(tmp_path / "images_8")
+    assert load_scene(tmp_path).frames[0].width == 20  # the only images* folder
