@@ -19,15 +19,14 @@ from detection.data import DetectionDataset, frame_targets
 from detection.evaluation import Evaluation, evaluate_detections, write_missed
 from detection.models.detector import CenterPointDetector
 from detection.predictions import read_predictions, write_predictions
-from detection.structures import collate
+from detection.structures import CLASSES, collate
+from detection.viz import draw_bev, draw_camera, save_figure
 from perception3d.config import config_differences, config_to_dict
 from perception3d.engine import distributed, fit, load_checkpoint, read_checkpoint, seed_everything
 from perception3d.errors import ConfigError, DataError
 from perception3d.io.atomic import atomic_write_text
 from perception3d.io.kitti import KittiDataset, KittiLabels, read_image
-from detection.structures import CLASSES
 from perception3d.structures import Detections3D
-from detection.viz import draw_bev, draw_camera, save_figure
 
 __all__ = ["prepare_data", "train", "evaluate", "evaluate_model"]
 

@@ -283,7 +283,7 @@ def load_scene(path: str | Path, format: str | None = None, images: str | None =
         return load_transforms(p)
 
     def colmap(p):
-        return load_colmap(p) if images is None else load_colmap(p, images_dir=images)
+        return load_colmap(p, images_dir=images or "images")
 
     def llff(p):
         return load_llff(p, images_dir=images)

@@ -32,9 +32,9 @@ def zoo_rows() -> list[dict]:
             continue
         cells = [c.strip() for c in line.strip("|").split("|")]
         config = re.search(r"`(configs/detection/\w+\.yaml)`", line).group(1)
-        weights = re.search(r"\((weights/\w+\.safetensors)\)|`(weights/\w+\.safetensors)`", line)
+        weights = re.search(r"`(weights/\w+\.safetensors)`", line).group(1)
         car = float(re.search(r"Car \**([\d.]+)", cells[3]).group(1))
-        rows.append({"config": config, "weights": weights.group(1) or weights.group(2), "car_ap": car})
+        rows.append({"config": config, "weights": weights, "car_ap": car})
     return rows
 
 
