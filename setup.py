@@ -11,7 +11,16 @@ setup(
     description="Sparse 3D perception (spconv detectors) and Gaussian splatting on one core",
     python_requires=">=3.10",
     license="Apache-2.0",
-    packages=find_packages(include=["perception3d*", "detection*", "splatting*"]),
+    packages=find_packages(include=["perception3d*", "detection*", "splatting*", "p3d*"]),
+    entry_points={
+        # one command line: p3d train | eval | bench | view | export ... (p3d/cli.py)
+        "console_scripts": ["p3d = p3d.cli:main"],
+        # the nerfstudio plugin (splatting/ns_plugin.py): `ns-train p3d-3dgs --data ...` on a CPU too
+        "nerfstudio.method_configs": [
+            "p3d-3dgs = splatting.ns_plugin:p3d_3dgs",
+            "p3d-compact3dgs = splatting.ns_plugin:p3d_compact3dgs",
+        ],
+    },
     install_requires=[
         # torch is pinned by the install script (CPU build from local disk); a looser
         # range here is satisfied by it and pulls nothing more.

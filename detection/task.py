@@ -1,6 +1,6 @@
 """The detection experiment end to end: data -> training -> evaluation -> metrics and pictures.
 
-Entry points used by `tools/train.py` and `tools/eval.py` (through `tools/_tasks.py`):
+Entry points used by `p3d train` and `p3d eval` (through `p3d/tasks.py`):
 `train(cfg, out_dir, resume)` and `evaluate(cfg, ckpt, out_dir)`.
 """
 from __future__ import annotations
@@ -252,7 +252,9 @@ def _finish(model, cfg: DetectionConfig, val_set, out_dir: Path, extra: dict, ba
     pictures = _pictures(model, cfg, val_set, dets, out_dir, real_ds)
     # undefined numbers (NaN, e.g. a nuScenes error without a match) become null in JSON
     clean = {k: (None if v != v else v) for k, v in metrics.items()}
-    result = {"metrics": clean, "pictures": pictures, "val_frames": len(val_set), **extra}
+    kitti = val_set.kitti  # where the frames of predictions/ are (`p3d view` reads it)
+    result = {"metrics": clean, "pictures": pictures, "val_frames": len(val_set),
+              "data": {"root": str(kitti.root.resolve()), "split": kitti.split}, **extra}
     if cfg.eval.baseline is not None:
         result["baseline"] = str(cfg.eval.baseline)  # what the `..._minus_baseline` metrics are against
     atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2))

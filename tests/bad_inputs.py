@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import pytest
 
+from p3d.cli import COMMANDS
 from perception3d.errors import Perception3DError
 
 __all__ = ["BadInput", "Tool", "check_bad_input", "snapshot"]
@@ -25,7 +26,7 @@ __all__ = ["BadInput", "Tool", "check_bad_input", "snapshot"]
 
 @dataclass(frozen=True)
 class Tool:
-    """A `tools/NAME.py` command line, run in-process through its `main(argv)`."""
+    """A `p3d NAME` command line (p3d/cli.py), run in-process through its module's `main(argv)`."""
 
     name: str
     argv: tuple[str, ...]
@@ -64,14 +65,14 @@ def snapshot(root: Path) -> dict[str, str]:
 
 
 def _run_tool(tool: Tool, capsys) -> str:
-    module = importlib.import_module(f"tools.{tool.name}")
+    module = importlib.import_module(COMMANDS[tool.name][0])
     capsys.readouterr()
     try:
         rc = module.main(list(tool.argv))
     except SystemExit as e:  # argparse errors exit 2 themselves
         rc = e.code
     err = capsys.readouterr().err
-    assert rc == 2, f"tools/{tool.name}.py {' '.join(tool.argv)}: exit code {rc}, expected 2; stderr:\n{err}"
+    assert rc == 2, f"p3d {tool.name} {' '.join(tool.argv)}: exit code {rc}, expected 2; stderr:\n{err}"
     assert "Traceback" not in err, err
     return err
 

@@ -4,7 +4,6 @@ traceback), and no existing file changes. The data-format tables are beside thei
 `tests/bad_inputs.py`."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,8 +12,6 @@ from perception3d.engine.run import RunFolder
 from tests.bad_inputs import BadInput, Tool, check_bad_input
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `tools.*` import as the harness runs them
-    sys.path.insert(0, str(REPO))
 
 TOY = "task: toy\ndata: {num_samples: 24}\ntrain: {max_steps: 2, batch_size: 8, ckpt_every: 1, device: cpu, progress: false}\n"
 _held: list[RunFolder] = []  # locks held by the test process itself (another owner of a folder)
@@ -33,7 +30,7 @@ def train(tmp: Path, text: str, *argv: str, out: str = "run") -> Tool:
 
 def trained_run(tmp: Path) -> Path:
     """A finished toy run in tmp/run (trained in-process through tools/train.py)."""
-    from tools import train as train_tool
+    from p3d import train as train_tool
 
     assert train_tool.main(["--config", str(config(tmp, TOY, "toy.yaml")), "--out", str(tmp / "run")]) == 0
     return tmp / "run"
@@ -131,19 +128,19 @@ CASES = [
              r"--out .*toy\.yaml: exists and is not a folder"),
     BadInput("max-steps-zero-names-the-set", lambda t: train(t, TOY, "--set", "train.max_steps=0"),
              r"error: --set train\.max_steps=0: invalid 'train'"),
-    BadInput("make-synthetic-frames-zero", lambda t: Tool("make_synthetic", ("--out", str(t / "k"), "--frames", "0")),
+    BadInput("make-synthetic-frames-zero", lambda t: Tool("make-synthetic", ("--out", str(t / "k"), "--frames", "0")),
              r"--frames must be >= 1"),
     BadInput("make-synthetic-into-a-foreign-folder", lambda t: (config(t, "x", "k/notes.txt"), Tool(
-        "make_synthetic", ("--out", str(t / "k"), "--frames", "1")))[1], r"k: the folder .*not a dataset"),
+        "make-synthetic", ("--out", str(t / "k"), "--frames", "1")))[1], r"k: the folder .*not a dataset"),
     BadInput("eval-weights-corrupt", lambda t: (config(t, "not safetensors", "w.safetensors"), Tool("eval", (
         "--config", str(config(t, TOY)), "--ckpt", str(t / "w.safetensors"), "--out", str(t / "ev"))))[1],
              r"w\.safetensors: cannot read the weights \(truncated or not a safetensors file\?\)"),
     BadInput("eval-weights-of-another-program", lambda t: (_foreign_safetensors(t / "w.safetensors"), Tool("eval", (
         "--config", str(config(t, TOY)), "--ckpt", str(t / "w.safetensors"), "--out", str(t / "ev"))))[1],
              r"w\.safetensors: not perception3d weights \(metadata format None"),
-    BadInput("export-weights-not-safetensors", lambda t: (trained_run(t), Tool("export_weights", (
+    BadInput("export-weights-not-safetensors", lambda t: (trained_run(t), Tool("export", (
         str(t / "run"), "--out", str(t / "w.pt"))))[1], r"w\.pt: expected a \.safetensors file name"),
-    BadInput("export-weights-no-checkpoint", lambda t: Tool("export_weights", (str(t), "--out", str(t / "w.safetensors"))),
+    BadInput("export-weights-no-checkpoint", lambda t: Tool("export", (str(t), "--out", str(t / "w.safetensors"))),
              r"is a folder without a ckpt/latest\.pt"),
     BadInput("bench-repeats-zero", lambda t: Tool("bench", ("voxelize", "--repeats", "0")), r"--repeats must be >= 1"),
     BadInput("bench-unknown-name", lambda t: Tool("bench", ("rasterise",)), r"invalid choice: 'rasterise'"),

@@ -21,10 +21,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 KITTI = REPO.parent / "shared" / "data" / "kitti"
-sys.path.insert(0, str(REPO))
-from tools.bench import available as available_benchmarks  # noqa: E402
-
-sys.path.remove(str(REPO))
+from p3d.bench import available as available_benchmarks
 
 # tiny settings for the README's two training commands (each half: a generated dataset, a few steps)
 TINY = {
@@ -53,7 +50,7 @@ def ok(cmd: list[str], timeout: float = 600) -> dict:
 
 def main_job_commands() -> list[list[str]]:
     """The commands of the README's main job (its first bash block that trains), after the install."""
-    block = next(b for b in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S) if "train.py" in b)
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S) if "p3d train" in b)
     commands = [shlex.split(c) for c in block.strip().split("&&")]
     assert commands[0] == ["bash", "scripts/install.sh"], commands[0]
     return commands[1:]
@@ -61,24 +58,24 @@ def main_job_commands() -> list[list[str]]:
 
 def test_readme_main_job_trains_both_halves_and_evaluates_shipped_weights():
     cmds = main_job_commands()
-    trainings = [c for c in cmds if c[1] == "tools/train.py"]
-    assert [c[:3] for c in trainings] == [["python3", "tools/train.py", "--config"]] * 2
+    trainings = [c for c in cmds if c[:2] == ["p3d", "train"]]
+    assert [c[:3] for c in trainings] == [["p3d", "train", "--config"]] * 2
     assert [c[3] for c in trainings] == list(TINY)
-    evals = [c for c in cmds if c[1] == "tools/eval.py"]
+    evals = [c for c in cmds if c[:2] == ["p3d", "eval"]]
     assert len(evals) == 1 and len(cmds) == 3, cmds
 
 
 def test_readme_main_job_shipped_second_detects(tmp_path):
     """The main job's evaluation of the shipped SECOND weights, on a few frames of the same
     generator: the trained model finds the cars (a briefly trained one does not), and draws them."""
-    cmd = next(c for c in main_job_commands() if c[1] == "tools/eval.py")
+    cmd = next(c for c in main_job_commands() if c[:2] == ["p3d", "eval"])
     args = cmd[2:]
     ckpt = args[args.index("--ckpt") + 1]
     out = tmp_path / "shipped"
     args[args.index("--out") + 1] = str(out)
     tiny = [f"data.root={tmp_path / 'data'}", "data.synthetic.frames=6", "data.synthetic.val_fraction=1.0",
             "eval.num_pictures=1"]
-    result = ok([sys.executable, "tools/eval.py", *args, *[a for s in tiny for a in ("--set", s)]])
+    result = ok([*cmd[:2], *args, *[a for s in tiny for a in ("--set", s)]])
     m = result["metrics"]
     assert result["checkpoint"] == ckpt and result["val_frames"] == 6
     assert m["diag/Car/3d_recall/moderate"] >= 85, m["diag/Car/3d_recall/moderate"]
@@ -90,10 +87,10 @@ def test_readme_main_job_shipped_second_detects(tmp_path):
 
 @pytest.mark.parametrize("config", list(TINY), ids=["detection", "splatting"])
 def test_readme_main_job_then_eval(config, tmp_path):
-    cmd = next(c for c in main_job_commands() if c[1] == "tools/train.py" and c[3] == config)
+    cmd = next(c for c in main_job_commands() if c[:2] == ["p3d", "train"] and c[3] == config)
     out, data = tmp_path / "run", tmp_path / "data"
     tiny = [a for s in [*TINY[config], f"data.root={data}"] for a in ("--set", s)]
-    summary = ok([sys.executable, *cmd[1:], *tiny, "--out", str(out)])
+    summary = ok([*cmd, *tiny, "--out", str(out)])
 
     assert (out / "config.yaml").is_file() and (out / "log.jsonl").is_file()
     assert (out / "ckpt" / "latest.pt").is_file()
@@ -143,11 +140,33 @@ def test_readme_main_job_then_eval(config, tmp_path):
         assert again["metrics"]["Car/3d_R40/moderate"] == m["Car/3d_R40/moderate"]
         half = ok([sys.executable, "tools/export_weights.py", str(out), "--out", str(tmp_path / "w16.safetensors")])
         assert half["mb"] < 0.55 * info["mb"]
+        # p3d view on the evaluation folder: its predictions over the frame they were made on
+        shot = ok(["p3d", "view", str(ev), "--screenshot", str(tmp_path / "view.png"), "--size", "320x240"])
+        assert shot["width"] == 320 and Path(shot["screenshot"]).stat().st_size > 1000
         r = run([sys.executable, "tools/eval.py", "--config", "configs/detection/dsvt_pillar.yaml", "--ckpt",
                  str(weights), "--set", f"data.root={data}", "--set", "data.synthetic=null",
                  "--out", str(tmp_path / "eval_x")])
         assert r.returncode == 2 and "trained with another model config" in r.stderr
         assert "model.backbone: 'second' -> 'dsvt'" in r.stderr
+
+
+def test_p3d_command_line():
+    """`p3d` lists its commands; each has an accurate --help; tools/*.py are the same commands."""
+    from p3d.cli import COMMANDS
+
+    listing = run(["p3d", "--help"])
+    assert listing.returncode == 0 and all(f"  {name} " in listing.stdout for name in COMMANDS), listing.stdout
+    wrappers = {"train": "train", "eval": "eval", "bench": "bench", "view": "view", "export_weights": "export",
+                "make_synthetic": "make-synthetic", "compare_runs": "compare"}
+    assert sorted(p.stem for p in (REPO / "tools").glob("*.py")) == sorted(wrappers)
+    assert sorted(wrappers.values()) == sorted(COMMANDS)
+    for tool, name in wrappers.items():
+        h = run(["p3d", name, "--help"])
+        assert h.returncode == 0 and h.stdout.startswith(f"usage: p3d {name} "), h.stdout[:200]
+        assert run([sys.executable, f"tools/{tool}.py", "--help"]).stdout == h.stdout
+        assert "sys.path" not in (REPO / "tools" / f"{tool}.py").read_text()
+    r = run(["p3d", "frobnicate"])
+    assert r.returncode == 2 and r.stderr.startswith("error: unknown command 'frobnicate'")
 
 
 def test_make_synthetic(tmp_path):

@@ -2,7 +2,7 @@
 
 Launch the same script either way:
 
-    python tools/train.py --config X.yaml                              # one process
+    p3d train --config X.yaml                              # one process
     torchrun --standalone --nproc_per_node=2 tools/train.py --config X.yaml
 
 `init_distributed()` reads `RANK`, `WORLD_SIZE` and `LOCAL_RANK`; with `WORLD_SIZE > 1` it starts

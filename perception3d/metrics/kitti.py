@@ -356,6 +356,13 @@ class KittiCurves:
         return {"R40": _r40(precision), "R11": _r11(precision), "aos_R40": _r40(aos), "aos_R11": _r11(aos),
                 "max_recall": float(100 * recall[0]) if n else 0.0}
 
+    def precision_recall(self) -> tuple[np.ndarray, np.ndarray]:
+        """The curve the AP is read from: `(precision, recall)` at the devkit's score thresholds
+        (highest recall first; precision already the maximum over lower thresholds)."""
+        precision, recall, _, n = _curve(np.ones(len(self.num_valid), np.int64), self.tp_scores, self.tp_frame,
+                                         self.num_valid, self.levels, self.level_start, self.tables, self.table_start)
+        return precision[:n], recall[:n]
+
 
 def _check_frames(gt: Sequence[KittiLabels], dt: Sequence[KittiLabels]) -> None:
     if len(gt) != len(dt):

@@ -7,7 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-from tools.compare_runs import main
+from p3d.compare import main
 
 
 def _write(folder, metrics, **extra):

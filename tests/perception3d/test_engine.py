@@ -409,8 +409,8 @@ def test_cli_train_resume_eval(tmp_path):
 def test_cli_errors(tmp_path, capsys):
     sys.path.insert(0, str(REPO))
     try:
-        from tools import eval as eval_tool
-        from tools import train as train_tool
+        from p3d import eval as eval_tool
+        from p3d import train as train_tool
     finally:
         sys.path.remove(str(REPO))
     with pytest.raises(SystemExit):

@@ -165,7 +165,7 @@ def evaluate(tmp: Path, ckpt: Path, *sets: str) -> Tool:
 
 def trained(tmp: Path, *sets: str) -> Path:
     """A finished 3-step run on the scene in tmp/run (trained in-process through tools/train.py)."""
-    from tools import train as train_tool
+    from p3d import train as train_tool
 
     scene(tmp)
     argv = ["--config", str(yaml_config(tmp)), "--out", str(tmp / "run"), *[a for s in sets for a in ("--set", s)]]
@@ -470,7 +470,7 @@ def test_ids_are_unique():
 # --- not errors: what the fixes must keep working -------------------------------------------------------
 def test_no_held_out_views_trains_and_says_so(tmp_path, capsys, monkeypatch):
     """`data.test_every=0`: the run trains, evaluates nothing and says so (a KeyError at the very end before)."""
-    from tools import train as train_tool
+    from p3d import train as train_tool
 
     monkeypatch.chdir(tmp_path)
     scene(tmp_path)
