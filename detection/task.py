@@ -257,12 +257,17 @@ def _finish(model, cfg: DetectionConfig, val_set, out_dir: Path, extra: dict, ba
               "data": {"root": str(kitti.root.resolve()), "split": kitti.split}, **extra}
     if cfg.eval.baseline is not None:
         result["baseline"] = str(cfg.eval.baseline)  # what the `..._minus_baseline` metrics are against
+    result["report"] = str(out_dir / "report.html")
     atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2))
+    from detection.report import write_report
+
+    write_report(out_dir, result, ev, f"{cfg.model.backbone} detector: {out_dir.name}")
     print(f"[eval] {len(val_set)} held-out frames; AP (%), the official KITTI evaluation (R40; diag/: our "
           f"diagnostics) and nuScenes':\n{_summary(metrics)}")
     print(f"[eval] {num_missed} valid moderate objects no detection found at the 3D overlap threshold: "
           f"{out_dir / 'missed.csv'}")
-    print(f"[eval] metrics: {out_dir / 'metrics.json'}; pictures: {', '.join(pictures)}")
+    print(f"[eval] metrics: {out_dir / 'metrics.json'}; report: {out_dir / 'report.html'}; "
+          f"pictures: {', '.join(pictures)}")
     return result
 
 

@@ -8,8 +8,8 @@ cd "$(dirname "$0")/.."
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 # open3d imports need libusb; its offscreen renderer (`p3d view --screenshot`) runs on Mesa's software
 # Vulkan (libvulkan1, mesa-vulkan-drivers) where there is no GPU; g++ builds the C++ CPU rasterizer
-# of splatting/ (compiled once, below).
-PKGS="libusb-1.0-0 libgomp1 libegl1 libgl1 libvulkan1 mesa-vulkan-drivers g++"
+# of splatting/ (compiled once, below); the tests look at the HTML reports in a real browser (chromium).
+PKGS="libusb-1.0-0 libgomp1 libegl1 libgl1 libvulkan1 mesa-vulkan-drivers g++ chromium"
 missing=$(for p in $PKGS; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
 if [ -n "$missing" ]; then
   echo "[install] apt-get install $missing"

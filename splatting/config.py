@@ -250,7 +250,8 @@ class SplatEvalConfig:
     """Evaluation.
 
     Attributes:
-        num_renders: held-out views saved as PNG (render beside ground truth) at each evaluation.
+        num_renders: held-out views saved as PNG at each evaluation (render beside ground truth; its
+            expected depth and its error as `*_depth.png`, `*_error.png`; all in the report).
         lpips_weights: a local LPIPS (AlexNet) weights file; None: ``$P3D_LPIPS_WEIGHTS`` or
             ``~/.cache/perception3d/lpips_alex.pth`` if present, else LPIPS is skipped.
     """

@@ -45,6 +45,7 @@ from perception3d.io.atomic import atomic_path, atomic_write_text
 from splatting.compact.model import CompactGaussians, CompactModel
 from splatting.config import SplatConfig, SplatDataConfig
 from splatting.data import SplatDataset, load_scene
+from splatting.report import write_report
 from splatting.data.triangulate import triangulate_views
 from splatting.gaussians import Gaussians, render_raw
 from splatting.metrics import LPIPS, default_lpips, psnr, ssim, ssim_loss
@@ -205,6 +206,28 @@ def _to_uint8(img: torch.Tensor) -> np.ndarray:
     return (img.clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
 
 
+def depth_image(depth: torch.Tensor, alpha: torch.Tensor) -> np.ndarray:
+    """Expected depth `[H, W]` as `uint8 [H, W, 3]` (turbo: near red .. far blue, 2nd to 98th
+    percentile of the covered pixels); pixels the Gaussians cover less than half are black."""
+    import matplotlib
+
+    d, covered = depth.float().cpu().numpy(), (alpha > 0.5).cpu().numpy()
+    out = np.zeros((*d.shape, 3), np.uint8)
+    if covered.any():
+        lo, hi = np.percentile(d[covered], [2, 98])
+        t = 1 - np.clip((d - lo) / max(hi - lo, 1e-9), 0, 1)
+        out[covered] = (matplotlib.colormaps["turbo"](t[covered])[:, :3] * 255 + 0.5).astype(np.uint8)
+    return out
+
+
+def error_image(pred: torch.Tensor, image: torch.Tensor, full_scale: float = 0.25) -> np.ndarray:
+    """Mean absolute colour error per pixel as `uint8 [H, W, 3]` (inferno, black 0 .. yellow `full_scale`)."""
+    import matplotlib
+
+    err = (pred - image).abs().mean(-1).float().cpu().numpy()
+    return (matplotlib.colormaps["inferno"](np.clip(err / full_scale, 0, 1))[..., :3] * 255 + 0.5).astype(np.uint8)
+
+
 @torch.no_grad()
 def evaluate_views(gaussians: Gaussians, dataset: SplatDataset, cfg: SplatConfig, render_dir: Path | None,
                    lpips: LPIPS | None = None, device: torch.device = torch.device("cpu")) -> dict:
@@ -234,9 +257,16 @@ def evaluate_views(gaussians: Gaussians, dataset: SplatDataset, cfg: SplatConfig
             scores["lpips"].append(float(lpips(pred, image)))
         if render_dir is not None and i < cfg.eval.num_renders:
             render_dir.mkdir(parents=True, exist_ok=True)
-            pair = np.concatenate([_to_uint8(pred), _to_uint8(image)], axis=1)
-            with atomic_path(render_dir / f"{Path(name).stem}.png") as tmp:
-                Image.fromarray(pair).save(tmp, format="PNG")
+            _, alpha, depth, _ = g.render(viewmat, K, W, H, backgrounds=bg, rasterize_mode=cfg.model.rasterize_mode,
+                                          near_plane=cfg.model.near_plane, far_plane=cfg.model.far_plane,
+                                          render_mode="RGB+ED")
+            stem = Path(name).stem
+            images = {"": np.concatenate([_to_uint8(pred), _to_uint8(image)], axis=1),
+                      "_depth": depth_image(depth[0, ..., 0], alpha[0, ..., 0]),
+                      "_error": error_image(pred, image)}
+            for suffix, picture in images.items():
+                with atomic_path(render_dir / f"{stem}{suffix}.png") as tmp:
+                    Image.fromarray(picture).save(tmp, format="PNG")
     out = {k: float(np.mean(v)) for k, v in scores.items() if v}
     out["num_gaussians"] = len(gaussians)
     if len(dataset):  # no views: nothing rendered, no timing to report
@@ -582,11 +612,14 @@ def train(cfg: SplatConfig, out_dir: str | Path, resume: bool = False, on_start:
         gaussians.save(out_dir / "compact.cgs", post=True)
         files.update(cgs=out_dir / "compact.cgs", cgs_plain=out_dir / "compact_plain.cgs")
         gaussians = CompactGaussians.load(out_dir / "compact.cgs", ts.device)
-    metrics = evaluate_views(gaussians, ts.test_set, cfg, out_dir / "renders" / f"step_{T:08d}", lpips, ts.device)
+    render_dir = out_dir / "renders" / f"step_{T:08d}"
+    metrics = evaluate_views(gaussians, ts.test_set, cfg, render_dir, lpips, ts.device)
     metrics.update({f"mb_{k}": f.stat().st_size / 1e6 for k, f in files.items()})
     result = {"metrics": metrics, "train_views": len(ts.train_set), "step": T,
-              "checkpoint": str(last_ckpt or ckpts.latest()), **{k: str(f) for k, f in files.items()}}
+              "checkpoint": str(last_ckpt or ckpts.latest()), **{k: str(f) for k, f in files.items()},
+              "report": str(out_dir / "report.html")}
     atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2))
+    write_report(out_dir, result, render_dir, f"{'Compact 3DGS' if ts.compact is not None else '3DGS'}: {out_dir.name}")
     if evaluated:
         print(f"[eval] {len(ts.test_set)} held-out views: PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}, "
               f"{metrics['num_gaussians']} Gaussians, {metrics['ms_per_view']:.1f} ms/view; "
@@ -611,11 +644,13 @@ def evaluate(cfg: SplatConfig, ckpt: str | Path, out_dir: str | Path) -> dict:
     else:
         gaussians = _gaussians_from_checkpoint(read_checkpoint(ckpt), ckpt, cfg)
     test_set.preload()
-    metrics = evaluate_views(gaussians, test_set, cfg, out_dir / "renders" / "eval", _lpips(cfg, device), device)
+    render_dir = out_dir / "renders" / "eval"
+    metrics = evaluate_views(gaussians, test_set, cfg, render_dir, _lpips(cfg, device), device)
     if str(ckpt).endswith((".ply", ".cgs")):
         metrics["mb_file"] = Path(ckpt).stat().st_size / 1e6
-    result = {"metrics": metrics, "checkpoint": str(ckpt)}
+    result = {"metrics": metrics, "checkpoint": str(ckpt), "report": str(out_dir / "report.html")}
     atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2))
+    write_report(out_dir, result, render_dir, f"Splatting evaluation: {out_dir.name}")
     print(f"[eval] {len(test_set)} held-out views: PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}, "
           f"{metrics['num_gaussians']} Gaussians, {metrics['fps']:.1f} FPS")
     return result

@@ -251,8 +251,8 @@ def _frame_table(ov, ignored_gt, ignored_dt, scores, dc_ov, min_overlap, gt_alph
 
 @numba.njit(cache=True)
 def _curve(weights, tp_scores, tp_frame, num_valid, levels, level_start, tables, table_start):
-    """Precision, recall and AOS at the 41 sample positions (max over lower thresholds applied) for
-    frames weighted by `weights` (1 each for the evaluation itself; bootstrap counts for a draw)."""
+    """Precision and AOS at the 41 sample positions (max over lower thresholds applied), and the
+    recall each threshold reaches, for frames weighted by `weights` (1 each for the evaluation itself; bootstrap counts for a draw)."""
     n_frames = len(weights)
     total_valid = 0.0
     n_scores = 0
@@ -292,7 +292,6 @@ def _curve(weights, tp_scores, tp_frame, num_valid, levels, level_start, tables,
         aos[i] = sim / (tp + fp)
     for i in range(len(thresholds)):
         precision[i] = precision[i:].max()
-        recall[i] = recall[i:].max()
         aos[i] = aos[i:].max()
     return precision, recall, aos, len(thresholds)
 
@@ -354,11 +353,13 @@ class KittiCurves:
         precision, recall, aos, n = _curve(w, self.tp_scores, self.tp_frame, self.num_valid, self.levels,
                                            self.level_start, self.tables, self.table_start)
         return {"R40": _r40(precision), "R11": _r11(precision), "aos_R40": _r40(aos), "aos_R11": _r11(aos),
-                "max_recall": float(100 * recall[0]) if n else 0.0}
+                "max_recall": float(100 * recall[:n].max()) if n else 0.0}
 
     def precision_recall(self) -> tuple[np.ndarray, np.ndarray]:
-        """The curve the AP is read from: `(precision, recall)` at the devkit's score thresholds
-        (highest recall first; precision already the maximum over lower thresholds)."""
+        """The curve the AP is read from: `(precision, recall)` at the devkit's score thresholds (one
+        per recall position i / 40 that the true positives reach; with few objects, fewer), recall
+        rising; precision is already the maximum over the higher recalls. R40 is the mean of
+        precision[1:41] by position, missing positions counting 0."""
         precision, recall, _, n = _curve(np.ones(len(self.num_valid), np.int64), self.tp_scores, self.tp_frame,
                                          self.num_valid, self.levels, self.level_start, self.tables, self.table_start)
         return precision[:n], recall[:n]
