@@ -288,19 +288,24 @@ def render(scene: Scene, camera: Camera) -> np.ndarray:
 
 def annotate(image: np.ndarray, scene: Scene, camera: Camera) -> np.ndarray:
     """Labels at their projected positions (in front of the camera, inside the image) and a legend."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
     pil = Image.fromarray(image)
     draw = ImageDraw.Draw(pil)
+    size = max(11, round(camera.height / 45))
+    try:
+        font = ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        font = ImageFont.load_default()
     if scene.labels:
         uv, z = camera.project(np.stack([lb.xyz for lb in scene.labels]))
         for lb, (u, v), d in zip(scene.labels, uv, z):
             if d > 0.1 and 0 <= u < camera.width and 0 <= v < camera.height:
-                draw.text((u + 3, v - 12), lb.text, fill=tuple(int(255 * c) for c in lb.rgb))
+                draw.text((u + 3, v - size), lb.text, fill=tuple(int(255 * c) for c in lb.rgb), font=font)
     y = 6
     for text, rgb in ([(scene.title, (1.0, 1.0, 1.0))] if scene.title else []) + scene.legend:
-        draw.text((8, y), text, fill=tuple(int(255 * c) for c in rgb))
-        y += 14
+        draw.text((8, y), text, fill=tuple(int(255 * c) for c in rgb), font=font)
+        y += size + 3
     return np.asarray(pil)
 
 

@@ -1,9 +1,18 @@
 #!/usr/bin/env bash
 # Install everything the toolkit needs on a fresh Debian/Ubuntu machine (CPU-only is fine).
-#   bash scripts/install.sh          # system packages + the toolkit with the viewer and test extras
+#   bash scripts/install.sh                # system packages + the toolkit with the viewer and test extras
+#   bash scripts/install.sh --nerfstudio   # also the nerfstudio plugin's environment, .venv-nerfstudio
 # Safe to re-run: already-installed pieces are skipped by apt and pip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+NERFSTUDIO=0
+for arg in "$@"; do
+  case "$arg" in
+    --nerfstudio) NERFSTUDIO=1 ;;
+    *) echo "error: scripts/install.sh: unknown option '$arg' (known: --nerfstudio)" >&2; exit 2 ;;
+  esac
+done
 
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 # open3d imports need libusb; its offscreen renderer (`p3d view --screenshot`) runs on Mesa's software
@@ -40,3 +49,15 @@ $PY -c "import torch, spconv.pytorch, perception3d; print('[install] ok: torch',
 # Build the CPU rasterizer now (about a minute, cached in ~/.cache/torch_extensions) rather than
 # inside the first training run or test.
 $PY -c "from splatting._ext import cpu_ext; cpu_ext(); print('[install] ok: CPU rasterizer built')"
+
+# The nerfstudio plugin (splatting/ns_plugin.py) runs in an environment of its own: nerfstudio 1.1.5
+# needs numpy<2 and torchvision, and no torchvision build imports beside the CPU torch 2.13 above.
+# torch 2.14.1 + torchvision 0.29.1 is a CUDA build (it runs on the CPU too): about 8 GB, 3-4 minutes.
+# `pip install -e .` there registers our methods with nerfstudio (setup.py's entry points).
+if [ "$NERFSTUDIO" = 1 ]; then
+  NS=.venv-nerfstudio
+  [ -x "$NS/bin/python" ] || $PY -m venv "$NS"
+  "$NS/bin/python" -m pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1" "nerfstudio==1.1.5"
+  "$NS/bin/python" -m pip install -q --disable-pip-version-check -e .
+  "$NS/bin/python" -c "from splatting._ext import cpu_ext; cpu_ext(); import splatting.ns_plugin; print('[install] ok: nerfstudio environment $NS')"
+fi

@@ -150,6 +150,13 @@ def test_readme_main_job_then_eval(config, tmp_path):
         assert "model.backbone: 'second' -> 'dsvt'" in r.stderr
 
 
+def test_ci_runs_the_readme_test_command():
+    """`.ci/run` runs exactly the README's test command (its Install block)."""
+    block = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)[0].strip()
+    assert block.endswith("python3 -m pytest") and block.startswith("bash scripts/install.sh"), block
+    assert block in (REPO / ".ci" / "run").read_text().splitlines()
+
+
 def test_p3d_command_line():
     """`p3d` lists its commands; each has an accurate --help; tools/*.py are the same commands."""
     from p3d.cli import COMMANDS

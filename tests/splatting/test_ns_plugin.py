@@ -4,7 +4,7 @@ nerfstudio 1.1.5 needs numpy<2 and torchvision, so it lives in a virtual environ
 (`.venv-nerfstudio` at the repository root, or `$P3D_NERFSTUDIO_VENV`); these tests drive its
 `ns-train`, `ns-export` and `ns-eval` by subprocess, with this checkout first on `PYTHONPATH`, and
 check the results here with our own reader, rasterizer and metrics. They skip without that
-environment. About 50 s on 2 cores.
+environment. About 65 s on 2 cores.
 """
 from __future__ import annotations
 
@@ -43,37 +43,54 @@ def ns(command: str, *args, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> dict:
-    """A 12-view 80x60 synthetic scene in nerfstudio's format (transforms.json + points3D.ply), p3d-3dgs
-    trained on it for 60 steps on the CPU (densification from step 20 to 50), then exported."""
-    tmp = tmp_path_factory.mktemp("ns")
-    scene = write_synthetic_scene(tmp / "scene", seed=1, num_views=12, width=80, height=60, num_points=1500)
+def scene(tmp_path_factory) -> Path:
+    """A 12-view 80x60 synthetic scene in nerfstudio's format (transforms.json + points3D.ply)."""
+    return write_synthetic_scene(tmp_path_factory.mktemp("ns") / "scene", seed=1, num_views=12, width=80, height=60,
+                                 num_points=1500)
+
+
+def train_and_export(method: str, scene: Path, tmp: Path, *model_args) -> dict:
+    """``method`` trained on ``scene`` for 60 steps on the CPU (densification from step 20 to 50), exported."""
     # The synthetic views have a white background; nerfstudio's default (random colours behind the
     # Gaussians) needs far more than 60 steps to cover it with opaque white Gaussians.
-    ns("ns-train", "p3d-3dgs", "--data", scene, "--output-dir", tmp / "out", "--experiment-name", "tiny",
+    ns("ns-train", method, "--data", scene, "--output-dir", tmp / "out", "--experiment-name", "tiny",
        "--timestamp", "run", "--machine.device-type", "cpu", "--vis", "tensorboard",
        "--viewer.quit-on-train-completion", "True", "--max-num-iterations", STEPS, "--logging.steps-per-log", 10,
        "--pipeline.model.warmup-length", 20, "--pipeline.model.refine-every", 10,
        "--pipeline.model.stop-split-at", 50, "--pipeline.model.sh-degree-interval", 20,
-       "--pipeline.model.background-color", "white",
+       "--pipeline.model.background-color", "white", *model_args,
        "nerfstudio-data", "--eval-mode", "interval", "--eval-interval", EVAL_EVERY)
-    run_dir = tmp / "out" / "tiny" / "p3d-3dgs" / "run"
+    run_dir = tmp / "out" / "tiny" / method / "run"
     ns("ns-export", "gaussian-splat", "--load-config", run_dir / "config.yml", "--output-dir", tmp / "export")
     return {"scene": scene, "run_dir": run_dir, "ply": tmp / "export" / "splat.ply", "tmp": tmp}
 
 
+@pytest.fixture(scope="module")
+def run(scene, tmp_path_factory) -> dict:
+    return train_and_export("p3d-3dgs", scene, tmp_path_factory.mktemp("p3d-3dgs"))
+
+
+@pytest.fixture(scope="module")
+def compact_run(scene, tmp_path_factory) -> dict:
+    """Compact 3DGS with the quickstart's mask settings; R-VQ from step 48 (vq_start_fraction 0.8)."""
+    return train_and_export("p3d-compact3dgs", scene, tmp_path_factory.mktemp("p3d-compact3dgs"),
+                            "--pipeline.model.compact.mask-lambda", 0.05, "--pipeline.model.compact.mask-init", 0,
+                            "--optimizers.mask.optimizer.lr", 0.1)
+
+
 def test_nerfstudio_lists_the_methods():
-    """`ns-train --help` lists p3d-3dgs, and nerfstudio's registry holds our model, on the CPU without CUDA."""
+    """`ns-train --help` lists both methods; nerfstudio's registry holds our models, on the CPU without CUDA."""
     help_text = ns("ns-train", "--help").stdout
-    assert "p3d-3dgs" in help_text, help_text[-3000:]
+    assert "p3d-3dgs" in help_text and "p3d-compact3dgs" in help_text, help_text[-3000:]
     code = ("import json, torch\nfrom nerfstudio.configs.method_configs import all_methods\n"
-            "c = all_methods['p3d-3dgs']\n"
-            "print(json.dumps({'model': type(c.pipeline.model).__module__ + '.' + type(c.pipeline.model).__name__,"
-            " 'device': c.machine.device_type, 'cuda': torch.cuda.is_available(), 'steps': c.max_num_iterations}))")
+            "print(json.dumps({m: [type(c.pipeline.model).__module__ + '.' + type(c.pipeline.model).__name__,"
+            " c.machine.device_type, c.max_num_iterations] for m, c in all_methods.items() if m.startswith('p3d-')}"
+            " | {'cuda': torch.cuda.is_available()}))")
     got = json.loads(ns("python", "-c", code).stdout.strip().splitlines()[-1])
-    assert got["model"] == "splatting.ns_plugin.P3DSplatModelConfig"
-    assert got["device"] == ("cuda" if got["cuda"] else "cpu")
-    assert got["steps"] == 30000  # real defaults; the tests pass small values
+    device = "cuda" if got.pop("cuda") else "cpu"
+    # real defaults (30k steps); the tests pass small values
+    assert got == {"p3d-3dgs": ["splatting.ns_plugin.P3DSplatModelConfig", device, 30000],
+                   "p3d-compact3dgs": ["splatting.ns_plugin.P3DCompactModelConfig", device, 30000]}, got
 
 
 def _scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
@@ -118,10 +135,13 @@ def _render_views(run: dict) -> list[float]:
     return scores
 
 
+def _ply_properties(path: Path) -> list[str]:
+    header = path.read_bytes().split(b"end_header")[0].decode("ascii")
+    return [line.split()[-1] for line in header.splitlines() if line.startswith("property")]
+
+
 def test_export_is_a_standard_ply_that_renders_the_views(run):
-    header = run["ply"].read_bytes().split(b"end_header")[0].decode("ascii")
-    props = [line.split()[-1] for line in header.splitlines() if line.startswith("property")]
-    assert props == gaussian_ply_property_names(3), props  # the 3DGS layout, SH degree 3
+    assert _ply_properties(run["ply"]) == gaussian_ply_property_names(3)  # the 3DGS layout, SH degree 3
     g = Gaussians.load_ply(run["ply"])
     assert len(g) > 2000 and g.sh_degree == 3
     scores = _render_views(run)
@@ -131,6 +151,27 @@ def test_export_is_a_standard_ply_that_renders_the_views(run):
     assert np.mean(train) > 17.0, scores
     # nerfstudio's own evaluation of the same held-out views (its renderer: our model's get_outputs
     # on the checkpoint) agrees with ours from the exported file
-    ns("ns-eval", "--load-config", run["run_dir"] / "config.yml", "--output-path", run["tmp"] / "eval.json")
-    ns_psnr = json.loads((run["tmp"] / "eval.json").read_text())["results"]["psnr"]
-    assert abs(ns_psnr - np.mean(held_out)) < 0.2, (ns_psnr, held_out)
+    assert abs(_ns_eval_psnr(run) - np.mean(held_out)) < 0.2, (_ns_eval_psnr(run), held_out)
+
+
+def _ns_eval_psnr(run: dict) -> float:
+    out = run["tmp"] / "eval.json"
+    if not out.is_file():
+        ns("ns-eval", "--load-config", run["run_dir"] / "config.yml", "--output-path", out)
+    return json.loads(out.read_text())["results"]["psnr"]
+
+
+def test_compact3dgs_trains_and_exports(compact_run):
+    """p3d-compact3dgs: the loss falls, the mask and R-VQ terms are on, and the exported .ply (SH fitted
+    to the colour field, the mask and R-VQ applied) renders the held-out views as nerfstudio's evaluation does."""
+    loss = _scalars(compact_run["run_dir"], "Train Loss Dict/main_loss")
+    assert np.mean([v for _, v in loss[-2:]]) < 0.7 * loss[0][1], loss  # measured: 0.35 -> 0.16
+    mask = _scalars(compact_run["run_dir"], "Train Loss Dict/mask_loss")
+    assert all(v > 0 for _, v in mask), mask  # 0.05 * mean(sigmoid(mask logits))
+    vq = dict(_scalars(compact_run["run_dir"], "Train Loss Dict/vq_loss"))
+    assert vq[40] == 0 and vq[50] > 0, vq  # R-VQ from step 48
+    assert _ply_properties(compact_run["ply"]) == gaussian_ply_property_names(3)
+    scores = _render_views(compact_run)
+    held_out = [s for i, s in enumerate(scores) if i % EVAL_EVERY == 0]
+    assert np.mean([s for i, s in enumerate(scores) if i % EVAL_EVERY]) > 17.0, scores  # measured ~20
+    assert abs(_ns_eval_psnr(compact_run) - np.mean(held_out)) < 0.3, (_ns_eval_psnr(compact_run), held_out)
