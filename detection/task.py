@@ -19,6 +19,7 @@ from detection.data import DetectionDataset, frame_targets
 from detection.evaluation import Evaluation, evaluate_detections, write_missed
 from detection.models.detector import CenterPointDetector
 from detection.predictions import read_predictions, write_predictions
+from detection.quant import is_quantized_file, load_quantized, read_quantized_config
 from detection.structures import CLASSES, collate
 from detection.viz import draw_bev, draw_camera, save_figure
 from perception3d.config import config_differences, config_to_dict
@@ -312,7 +313,12 @@ def load_weights(ckpt: str | Path, model: CenterPointDetector, cfg: DetectionCon
         DataError: naming the file and every model setting that differs, before loading.
     """
     state = read_checkpoint(ckpt)
-    saved = (state.get("config") or {}).get("model")
+    _check_model_config(ckpt, state.get("config") or {}, cfg)
+    return load_checkpoint(ckpt, model)
+
+
+def _check_model_config(ckpt, config: dict, cfg: DetectionConfig) -> None:
+    saved = config.get("model")
     if saved is not None:
         diff = [d for d in config_differences({"model": saved}, {"model": config_to_dict(cfg)["model"]})
                 if not d.startswith(INFERENCE_SETTINGS)]
@@ -321,7 +327,6 @@ def load_weights(ckpt: str | Path, model: CenterPointDetector, cfg: DetectionCon
                             "trained -> as configured): " + "; ".join(diff[:12])
                             + (f"; and {len(diff) - 12} more" if len(diff) > 12 else "")
                             + ". Evaluate them with the config they were trained with")
-    return load_checkpoint(ckpt, model)
 
 
 def evaluate(cfg: DetectionConfig, ckpt: str | Path, out_dir: str | Path) -> dict:
@@ -331,5 +336,10 @@ def evaluate(cfg: DetectionConfig, ckpt: str | Path, out_dir: str | Path) -> dic
     val_set = DetectionDataset(root, cfg.data.val_split, cfg.model.pc_range_m, None)
     baseline, real_ds = _check_before_work(cfg, val_set)
     model = CenterPointDetector(cfg.model)
-    load_weights(ckpt, model, cfg)
-    return _finish(model, cfg, val_set, out_dir, {"checkpoint": str(ckpt)}, baseline, real_ds)
+    extra = {"checkpoint": str(ckpt)}
+    if is_quantized_file(ckpt):  # an INT8 model of `p3d quantize` (detection/quant.py)
+        _check_model_config(ckpt, read_quantized_config(ckpt), cfg)
+        extra["quantization"] = load_quantized(ckpt, model)["info"]
+    else:
+        load_weights(ckpt, model, cfg)
+    return _finish(model, cfg, val_set, out_dir, extra, baseline, real_ds)

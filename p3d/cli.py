@@ -5,6 +5,7 @@
     p3d bench NAME [--quick]
     p3d view FRAME_OR_FOLDER_OR_PLY [--screenshot out.png]
     p3d export RUN --out weights.safetensors
+    p3d quantize --config X.yaml --ckpt WEIGHTS --out INT8.safetensors
     p3d make-synthetic --out DIR --frames N
     p3d compare --out compare.png LABEL=RUN ...
 
@@ -23,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("p3d.bench", "run a benchmark; the last line printed is its JSON"),
     "view": ("p3d.view", "look at a dataset frame, predictions, a run or a .ply (Open3D; --screenshot headless)"),
     "export": ("p3d.export", "export a run's model weights as .safetensors (what the model zoo ships)"),
+    "quantize": ("p3d.quantize", "quantize a trained detector to INT8 (LiDAR-PTQ post-training quantization)"),
     "make-synthetic": ("p3d.make_synthetic", "write a seeded synthetic dataset in the KITTI layout"),
     "compare": ("p3d.compare", "compare evaluated detection runs in one picture and one table"),
 }

@@ -164,7 +164,7 @@ def test_p3d_command_line():
     listing = run(["p3d", "--help"])
     assert listing.returncode == 0 and all(f"  {name} " in listing.stdout for name in COMMANDS), listing.stdout
     wrappers = {"train": "train", "eval": "eval", "bench": "bench", "view": "view", "export_weights": "export",
-                "make_synthetic": "make-synthetic", "compare_runs": "compare"}
+                "make_synthetic": "make-synthetic", "compare_runs": "compare", "quantize": "quantize"}
     assert sorted(p.stem for p in (REPO / "tools").glob("*.py")) == sorted(wrappers)
     assert sorted(wrappers.values()) == sorted(COMMANDS)
     for tool, name in wrappers.items():
