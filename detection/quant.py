@@ -35,7 +35,7 @@ from perception3d.errors import DataError
 from perception3d.sparse import spconv
 
 __all__ = ["METHODS", "QuantLayer", "prepare", "calibrate", "quant_layers", "save_quantized", "load_quantized",
-           "is_quantized_file", "read_quantized_config", "QUANT_FORMAT"]
+           "is_quantized_file", "read_quantized_config", "QUANT_FORMAT", "export_dense_onnx", "OrtDense"]
 
 METHODS = ("minmax", "entropy", "sparse")
 QUANT_FORMAT = "perception3d-int8-1"
@@ -425,3 +425,74 @@ def load_quantized(path: str | Path, model: nn.Module) -> dict:
             with torch.no_grad():
                 module.layer.weight.copy_(w8.float() * module.w_scale.reshape(shape))
     return {"config": json.loads(meta.get("config", "{}")), "info": json.loads(meta.get("info", "{}"))}
+
+
+# -- real INT8: the dense part on onnxruntime -------------------------------------------------------
+class _DensePart(nn.Module):
+    """BEV backbone + head of a quantized detector as one graph: `bev -> the head's maps` (a tuple)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.bev_backbone, self.head = model.bev_backbone, model.head
+
+    def forward(self, bev: torch.Tensor):
+        o = self.head(self.bev_backbone(bev))
+        return tuple(t for t in (o.heatmap, o.offset, o.z, o.dims, o.rot, o.direction, o.iou) if t is not None)
+
+
+def _export_forward(self: QuantLayer, x: torch.Tensor) -> torch.Tensor:
+    """The layer as QuantizeLinear / DequantizeLinear pairs around a float convolution: what an
+    ONNX exporter writes and onnxruntime's QDQ rewrite turns into INT8 kernels."""
+    layer = self.layer
+    w = torch.fake_quantize_per_channel_affine(layer.weight.detach(), self._export[2], self._export[3],
+                                               _out_axis(layer), -128, 127)  # the weights lie in [-127, 127]
+    x = torch.fake_quantize_per_tensor_affine(x, self._export[0], self._export[1], 0, 255)
+    if isinstance(layer, nn.ConvTranspose2d):
+        return nn.functional.conv_transpose2d(x, w, layer.bias, layer.stride, layer.padding, layer.output_padding,
+                                              layer.groups, layer.dilation)
+    return nn.functional.conv2d(x, w, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+
+def export_dense_onnx(model: nn.Module, path: str | Path) -> Path:
+    """Write the dense part (BEV backbone and head) of a calibrated model as a QDQ ONNX graph with
+    the calibrated scales (weights INT8 per channel, inputs UINT8 per tensor), batch size dynamic."""
+    dense = _DensePart(model).eval()
+    layers = quant_layers(dense)
+    for layer in layers:
+        layer._export = (float(layer.a_scale), int(layer.a_zero), layer.w_scale.detach().float().clone(),
+                         torch.zeros(len(layer.w_scale), dtype=torch.int32))
+        layer.forward = _export_forward.__get__(layer)
+    C, H, W = model.backbone3d.bev_shape
+    try:
+        with torch.no_grad():
+            torch.onnx.export(dense, (torch.zeros(1, C, H, W),), str(path), input_names=["bev"],
+                              dynamic_axes={"bev": {0: "batch"}}, opset_version=17, dynamo=False)
+    finally:
+        for layer in layers:
+            del layer.forward, layer._export  # back to the class's simulated forward
+    return Path(path)
+
+
+class OrtDense:
+    """The dense part of a quantized detector on onnxruntime's INT8 kernels: called with the BEV
+    map, returns the head's `CenterHeadOutput` (set as `CenterPointDetector.dense`)."""
+
+    def __init__(self, model: nn.Module, threads: int | None = None):
+        import tempfile
+
+        import onnxruntime as ort
+
+        from detection.models.center_head import CenterHeadOutput
+
+        self._out = CenterHeadOutput
+        self.has_iou = model.head.iou is not None
+        with tempfile.TemporaryDirectory() as tmp:
+            onnx_path = export_dense_onnx(model, Path(tmp) / "dense_int8.onnx")
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = threads or torch.get_num_threads()
+            opts.log_severity_level = 3
+            self.session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+
+    def __call__(self, bev: torch.Tensor):
+        outs = [torch.from_numpy(o) for o in self.session.run(None, {"bev": bev.float().contiguous().numpy()})]
+        return self._out(*outs[:6], outs[6] if self.has_iou else None)

@@ -329,6 +329,19 @@ def _check_model_config(ckpt, config: dict, cfg: DetectionConfig) -> None:
                             + ". Evaluate them with the config they were trained with")
 
 
+def _int8_dense_runtime(model: CenterPointDetector) -> str:
+    """Run a quantized model's dense part (BEV backbone + head) on onnxruntime's INT8 kernels when
+    onnxruntime is installed (the `deploy` / `test` extras); else it stays simulated INT8."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return "simulated INT8 (onnxruntime is not installed)"
+    from detection.quant import OrtDense
+
+    model.dense = OrtDense(model)
+    return "onnxruntime INT8"
+
+
 def evaluate(cfg: DetectionConfig, ckpt: str | Path, out_dir: str | Path) -> dict:
     """Evaluate a checkpoint on the held-out split; metrics and pictures go to `out_dir`."""
     out_dir = Path(out_dir)
@@ -340,6 +353,7 @@ def evaluate(cfg: DetectionConfig, ckpt: str | Path, out_dir: str | Path) -> dic
     if is_quantized_file(ckpt):  # an INT8 model of `p3d quantize` (detection/quant.py)
         _check_model_config(ckpt, read_quantized_config(ckpt), cfg)
         extra["quantization"] = load_quantized(ckpt, model)["info"]
+        extra["quantization"]["dense_runtime"] = _int8_dense_runtime(model)
     else:
         load_weights(ckpt, model, cfg)
     return _finish(model, cfg, val_set, out_dir, extra, baseline, real_ds)

@@ -223,6 +223,8 @@ class CenterPointDetector(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.momentum = cfg.bn_momentum
+        # a callable `bev -> CenterHeadOutput` replacing bev_backbone + head at inference (None: them)
+        self.dense = None
 
     def voxelize(self, batch: DetectionBatch) -> SparseVoxels:
         """Voxelizes every frame and encodes each voxel with the VFE: hard voxels and the mean
@@ -268,7 +270,10 @@ class CenterPointDetector(nn.Module):
         bev, _ = self.backbone3d(sv)
         # channels-last (DSVT's fold already returns it): the same convolutions, faster in oneDNN,
         # most of all in bf16 (train.precision); "Training speed" in docs/experiments/dsvt_vs_second.md
-        out = self.head(self.bev_backbone(bev.contiguous(memory_format=torch.channels_last)))
+        if self.dense is not None:  # another runtime for the dense part (detection/quant.py: INT8)
+            out = self.dense(bev)
+        else:
+            out = self.head(self.bev_backbone(bev.contiguous(memory_format=torch.channels_last)))
         if not self.training:
             return self.head.decode(out)
         targets = self.head.encode(batch.gt_boxes, batch.gt_labels, batch.gt_batch_index(), batch.batch_size)
