@@ -200,7 +200,9 @@ def test_bench_quick(name):
             return
     result = ok(cmd)
     assert result["quick"] is True
-    timings = {k: v for k, v in result.items() if k.startswith(("ms_", "fps_")) and v is not None}
+    rows = result.get("results", [result])  # ptq: one row per model
+    timings = {f"{i}/{k}": v for i, row in enumerate(rows) for k, v in row.items()
+               if k.startswith(("ms_", "fps_")) and v is not None}
     assert timings and all(v > 0 for v in timings.values()), result
     checks = {  # each benchmark's own agreement check, on the quick inputs
         "sparse_conv": lambda r: r["max_abs_err_vs_dense"] < 1e-4,
@@ -210,6 +212,8 @@ def test_bench_quick(name):
         "compact3dgs": lambda r: r["psnr_vanilla"] > 10 and r["psnr_compact"] > 10 and r["mb_compact_post"] > 0,
         "train_step": lambda r: r["gaussians"] == 2000,
         "detection_train_step": lambda r: r["voxels_dsvt"] > 0 and r["voxels_second"] > 0,
+        "ptq": lambda r: [row["model"] for row in r["results"]] == ["pointpillars", "second"] and all(
+            row["ptq_seconds"] > 0 and 0 <= row["ap_int8_entropy"] <= row["ap_int8"] <= 100 for row in r["results"]),
     }
     assert checks[name](result), result
 
