@@ -264,16 +264,18 @@ def _refine_by_output(model: nn.Module, layers: list[QuantLayer], batches: list,
 
 
 class _Recorder:
-    """Per layer: the extremes of all input values and of the non-zero ones, and a random subset of each."""
+    """Per layer: the extremes of all input values and of the non-zero ones; with `keep_samples`, a
+    random subset of the values too (what the entropy calibration's histogram is built from)."""
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, keep_samples: bool, seed: int = 0):
         self.stats: dict[str, dict] = {}
+        self.keep_samples = keep_samples
         self.gen = torch.Generator().manual_seed(seed)
 
     def __call__(self, layer: QuantLayer, x: torch.Tensor) -> None:
         v = x.float().reshape(-1)
         st = self.stats.setdefault(layer.name, {"min": math.inf, "max": -math.inf, "nz_min": math.inf,
-                                                "nz_max": -math.inf, "all": [], "nz": [], "n": 0, "n_nz": 0})
+                                                "nz_max": -math.inf, "all": [], "n": 0, "n_nz": 0})
         nz = v[v != 0]
         st["n"] += v.numel()
         st["n_nz"] += nz.numel()
@@ -281,13 +283,13 @@ class _Recorder:
             st["min"], st["max"] = min(st["min"], float(v.min())), max(st["max"], float(v.max()))
         if nz.numel():
             st["nz_min"], st["nz_max"] = min(st["nz_min"], float(nz.min())), max(st["nz_max"], float(nz.max()))
-        for key, t in (("all", v), ("nz", nz)):
-            if t.numel() > _SAMPLES // 8:
-                t = t[torch.randint(0, t.numel(), (_SAMPLES // 8,), generator=self.gen)]
-            st[key].append(t.clone())
+        if self.keep_samples:
+            if v.numel() > _SAMPLES // 8:
+                v = v[torch.randint(0, v.numel(), (_SAMPLES // 8,), generator=self.gen)]
+            st["all"].append(v.clone())
 
-    def sample(self, name: str, key: str) -> torch.Tensor:
-        t = torch.cat(self.stats[name][key]) if self.stats[name][key] else torch.zeros(1)
+    def sample(self, name: str) -> torch.Tensor:
+        t = torch.cat(self.stats[name]["all"]) if self.stats[name]["all"] else torch.zeros(1)
         if t.numel() > _SAMPLES:
             t = t[torch.randint(0, t.numel(), (_SAMPLES,), generator=self.gen)]
         return t
@@ -305,7 +307,7 @@ def calibrate(model: nn.Module, batches: Iterable, method: str, progress: Callab
     layers = quant_layers(model)
     if not layers:
         raise ValueError("calibrate: the model has no QuantLayer (call prepare first)")
-    rec = _Recorder()
+    rec = _Recorder(keep_samples=method == "entropy")
     for layer in layers:
         layer.observe = rec
     try:
@@ -324,7 +326,7 @@ def calibrate(model: nn.Module, batches: Iterable, method: str, progress: Callab
         if method == "minmax":
             lo, hi = st["min"], st["max"]
         elif method == "entropy":
-            t = _entropy_threshold(rec.sample(layer.name, "all").numpy())
+            t = _entropy_threshold(rec.sample(layer.name).numpy())
             lo, hi = max(st["min"], -t), min(st["max"], t)
         else:  # sparse: the non-zero values' max-min, refined below
             lo, hi = (min(st["nz_min"], 0.0), max(st["nz_max"], 0.0)) if st["n_nz"] else (0.0, 0.0)
@@ -348,16 +350,14 @@ def save_quantized(model: nn.Module, path: str | Path, config: dict, info: dict)
 
     from perception3d.io.atomic import atomic_path
 
-    tensors = {}
-    quantized = {f"{id(m.layer)}" for m in quant_layers(model)}
+    tensors, float_weights = {}, set()
     for name, module in model.named_modules():
         if isinstance(module, QuantLayer):
             tensors[f"{name}.weight_int8"] = module.weight_int8().contiguous()
+            float_weights.add(f"{name}.layer.weight")  # stored as int8 above
     for key, value in model.state_dict().items():
-        owner = key.rsplit(".", 1)[0]
-        if key.endswith(".layer.weight") and f"{id(model.get_submodule(owner))}" in quantized:
-            continue
-        tensors[key] = value.detach().float().contiguous() if value.is_floating_point() else value.contiguous()
+        if key not in float_weights:
+            tensors[key] = value.detach().float().contiguous() if value.is_floating_point() else value.contiguous()
     meta = {"format": QUANT_FORMAT, "config": json.dumps(config), "info": json.dumps(info)}
     out = Path(path)
     with atomic_path(out) as tmp:

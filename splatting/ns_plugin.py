@@ -9,7 +9,7 @@ option: nerfstudio 1.1.5 needs numpy<2 and torchvision).
 :class:`P3DSplatModel` is nerfstudio's ``SplatfactoModel`` with what must change replaced:
 
 * ``populate_modules``: the 3DGS initialisation (identity rotations, nearest-neighbour scales,
-  opacity 0.1) without splatfacto's ``.cuda()`` call, gsplat's ``DefaultStrategy`` with the 3DGS
+  opacity 0.1) on the tensors' own device (splatfacto moves them to CUDA), gsplat's ``DefaultStrategy`` with the 3DGS
   paper's rules (the config defaults below, the same as ``configs/splatting``), and LPIPS from the
   local weights of :func:`splatting.metrics.default_lpips` (splatfacto's torchmetrics LPIPS
   downloads AlexNet when the model is built; without the local file LPIPS is left out);
