@@ -213,7 +213,10 @@ def test_bench_quick(name):
         "train_step": lambda r: r["gaussians"] == 2000,
         "detection_train_step": lambda r: r["voxels_dsvt"] > 0 and r["voxels_second"] > 0,
         "ptq": lambda r: [row["model"] for row in r["results"]] == ["pointpillars", "second"] and all(
-            row["ptq_seconds"] > 0 and 0 <= row["ap_int8_entropy"] <= row["ap_int8"] <= 100 for row in r["results"]),
+            row["ptq_seconds"] > 0 and row["qat_seconds"] > 0 and row["qat_steps"] == 2
+            and 0 <= row["ap_int8_entropy"] <= row["ap_int8"] <= 100 and 0 <= row["ap_int8_qat"] <= 100
+            and len(row["ablation"]) == 6 and row["ablation"][0]["ap"] == row["ap_int8_minmax"]
+            and row["ablation"][-1]["ap"] == row["ap_int8"] for row in r["results"]),
     }
     assert checks[name](result), result
 

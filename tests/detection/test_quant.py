@@ -14,8 +14,9 @@ import torch
 
 from detection.config import DetectionConfig
 from detection.models.detector import CenterPointDetector
-from detection.quant import (QuantLayer, _entropy_threshold, calibrate, load_quantized, prepare, quant_layers,
-                             save_quantized)
+from detection.models.center_head import CenterHeadOutput
+from detection.quant import (QuantLayer, _entropy_threshold, _tgpl, calibrate,
+                             load_quantized, prepare, qat_finetune, quant_layers, save_quantized)
 from detection.structures import DetectionBatch
 from perception3d.config import load_config
 
@@ -102,12 +103,21 @@ def test_entropy_threshold_known_answers():
     assert _entropy_threshold(sparse_map) < 0.1 * sparse_map.max()
 
 
-@pytest.mark.parametrize("method", ["minmax", "entropy", "sparse"])
+@pytest.mark.parametrize("method", ["minmax", "entropy", "sparse", "lidar-ptq"])
 def test_calibration_sets_every_layer_and_roundtrips_through_the_file(method, tmp_path):
     model, batches = model_and_batches("pointpillars.yaml", n=2)
     q = prepare(copy.deepcopy(model))
-    with torch.no_grad():
-        facts = calibrate(q, batches, method)
+    facts = calibrate(q, batches, method, rounding_iters=2)
+    assert ("_rounding" in facts) == (method == "lidar-ptq")
+    facts.pop("_rounding", None)
+    # layers reading one tensor share one input range: the head's shared features feed the 7
+    # branches, the last conv of each backbone stage feeds the next stage and its deblock
+    branches = [f"head.{b}.0" for b in ("heatmap", "offset", "z", "dims", "rot", "direction", "iou")]
+    assert facts["head.heatmap.0"]["group"] == branches
+    assert facts["bev_backbone.blocks.1.0"]["group"] == ["bev_backbone.blocks.1.0", "bev_backbone.deblocks.0.0"]
+    assert facts["bev_backbone.blocks.0.3"]["group"] == ["bev_backbone.blocks.0.3"]
+    layer = {m.name: m for m in quant_layers(q)}
+    assert len({(float(layer[b].a_scale), int(layer[b].a_zero)) for b in branches}) == 1
     first = facts["bev_backbone.blocks.0.0"]  # the scattered pillar map: mostly empty
     assert first["zero_fraction"] > 0.9
     if method != "entropy":
@@ -135,21 +145,29 @@ def test_quantize_command_writes_a_model_eval_reads(tmp_path):
     tiny = ["--set", f"data.root={data}", "--set", "data.synthetic.frames=5", "--set", "data.synthetic.val_fraction=0.4"]
     out = tmp_path / "second_int8.safetensors"
     r = subprocess.run(["p3d", "quantize", "--config", "configs/quickstart.yaml", "--ckpt", "weights/second.safetensors",
-                        "--out", str(out), "--calib-frames", "2", *tiny], cwd=REPO, capture_output=True, text=True,
-                       timeout=900)
+                        "--out", str(out), "--calib-frames", "2", "--steps", "3", *tiny], cwd=REPO, capture_output=True,
+                       text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     info = json.loads(r.stdout.strip().splitlines()[-1])
-    assert info["method"] == "sparse" and info["calib_frames"] == 2 and info["layers"] == 37
+    assert info["method"] == "lidar-ptq" and info["calib_frames"] == 2 and info["layers"] == 37
+    assert info["rounding"]["iters"] == 3 and 0 < info["rounding"]["weights_rounded_otherwise"] < 0.5
     assert out.stat().st_size < 0.6 * (REPO / "weights" / "second.safetensors").stat().st_size * 2
     r = subprocess.run(["p3d", "eval", "--config", "configs/quickstart.yaml", "--ckpt", str(out), "--out",
                         str(tmp_path / "eval"), "--set", "eval.num_pictures=0", *tiny], cwd=REPO, capture_output=True,
                        text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert result["quantization"]["method"] == "sparse"
+    assert result["quantization"]["method"] == "lidar-ptq"
     assert result["metrics"]["diag/Car/3d_recall/moderate"] > 50  # the INT8 SECOND still finds the cars
+    qat = tmp_path / "second_qat.safetensors"
+    r = subprocess.run(["p3d", "quantize", "--config", "configs/quickstart.yaml", "--ckpt", "weights/second.safetensors",
+                        "--out", str(qat), "--calib-frames", "2", "--method", "qat", "--steps", "1", *tiny], cwd=REPO,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    info = json.loads(r.stdout.strip().splitlines()[-1])
+    assert info["method"] == "qat" and info["qat"]["steps"] == 1 and np.isfinite(info["qat"]["loss_first"])
     for change, message in [
-        ({"--method": "fancy"}, "--method 'fancy': expected one of minmax, entropy, sparse"),
+        ({"--method": "fancy"}, "--method 'fancy': expected one of lidar-ptq, sparse, minmax, entropy, qat"),
         ({"--config": "configs/splatting/3dgs_quickstart.yaml"}, "quantization is for detectors"),
         ({"--config": "configs/detection/pointpillars.yaml"}, "trained with another model config"),
     ]:
@@ -178,9 +196,9 @@ def test_dense_part_runs_on_onnxruntime_int8_kernels(tmp_path):
     opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
-    # 21 of the 34 (the others run in float on dequantized inputs; the 7 output convolutions among
-    # them, whose maps leave the graph in float)
-    assert ops.count("QLinearConv") >= 20, sorted(set(ops))
+    # every convolution but the 7 output layers (whose maps leave the graph in float): 27 of 34,
+    # the transposed ones included (written as 1x1 convolution + depth-to-space)
+    assert ops.count("QLinearConv") == 27 and "ConvTranspose" not in ops, sorted(set(ops))
     with torch.no_grad():
         sim = head_outputs(q, batches[0])
         q.dense = OrtDense(q)
@@ -190,3 +208,84 @@ def test_dense_part_runs_on_onnxruntime_int8_kernels(tmp_path):
         scale = float(a.abs().max())
         assert float((a - b).abs().max()) < 0.05 * scale  # rounding differs (requantization between layers)
         assert float((a - b).abs().mean()) < 0.005 * scale
+
+
+def test_tgpl_known_answer():
+    """The task-guided global positive loss at a known positive: the class-score difference over
+    the 3x3 cells around it plus the L1 difference of the regression maps at it; nothing counts
+    away from the positives."""
+    from types import SimpleNamespace
+
+    from detection.quant import _positives
+
+    H, W = 8, 10
+
+    def out():
+        zeros = {k: torch.zeros(1, c, H, W) for k, c in
+                 (("offset", 2), ("z", 1), ("dims", 3), ("rot", 2), ("direction", 1), ("iou", 1))}
+        return CenterHeadOutput(heatmap=torch.full((1, 3, H, W), -5.0), **zeros)
+
+    ref, q = out(), out()
+    ref.heatmap[0, 0, 3, 4] = 2.0
+    q.heatmap[0, 0, 3, 4] = 0.0
+    q.heatmap[0, 1, 2, 5] = 1.0  # a neighbour of the positive, another class
+    q.offset[0, 0, 3, 4] = 0.5
+    q.rot[0, 1, 3, 4] = -0.25
+    q.dims[0, 2, 7, 9] = 3.0  # far from the positive: not counted
+    q.heatmap[0, 2, 7, 0] = 4.0
+    model = SimpleNamespace(head=SimpleNamespace(options=SimpleNamespace(max_detections=5, score_threshold=0.1)))
+    frame, cells = _positives(model, ref)
+    assert frame.tolist() == [0] and cells.tolist() == [3 * W + 4]
+    s = torch.sigmoid
+    expected = (s(torch.tensor(0.0)) - s(torch.tensor(2.0))) ** 2 + (s(torch.tensor(1.0)) - s(torch.tensor(-5.0))) ** 2 \
+        + 0.5 + 0.25
+    assert float(_tgpl(q, ref, frame, cells)) == pytest.approx(float(expected), rel=1e-6)
+    assert float(_tgpl(ref, ref, frame, cells)) == 0.0
+
+
+def test_adaptive_rounding_moves_weights_one_step_at_most():
+    """LiDAR-PTQ's adaptive rounding with the TGPL against round-to-nearest on the same calibrated
+    ranges: the activation ranges are the same, each weight ends on its grid at most one INT8 step
+    from its nearest rounding (down or up), some weights move, and the losses are logged."""
+    model, batches = model_and_batches("pointpillars.yaml", n=2)
+    nearest = prepare(copy.deepcopy(model))
+    calibrate(nearest, batches, "sparse")
+    learnt = prepare(copy.deepcopy(model))
+    facts = calibrate(learnt, batches, "lidar-ptq", rounding_iters=8)
+    moved = 0
+    for a, b in zip(quant_layers(nearest), quant_layers(learnt)):
+        assert torch.equal(a.a_scale, b.a_scale) and torch.equal(a.a_zero, b.a_zero)
+        w = b.layer.weight.detach()
+        shape = [1] * w.dim()
+        shape[1 if isinstance(b.layer, torch.nn.ConvTranspose2d) else 0] = -1
+        assert torch.allclose(w / b.w_scale.reshape(shape), b.weight_int8().float(), atol=1e-3), b.name
+        step = (a.weight_int8().int() - b.weight_int8().int()).abs()
+        assert int(step.max()) <= 1, a.name
+        moved += int(step.sum())
+        if not b.name.startswith(("bev_backbone", "head")):  # the pillar encoder keeps its nearest rounding
+            assert int(step.max()) == 0, b.name
+    info = facts["_rounding"]
+    assert moved > 0 and info["iters"] == 8
+    assert info["weights_rounded_otherwise"] == pytest.approx(moved / sum(
+        m.w_float.numel() for m in quant_layers(learnt) if m.name.startswith(("bev_backbone", "head"))))
+    assert all(np.isfinite(info[k]) for k in ("recon_first", "recon_last", "tgpl_first", "tgpl_last"))
+
+
+def test_qat_finetune_trains_the_int8_model_and_ends_on_the_grid():
+    """Two quantization-aware steps: the loss is finite, the weights move and end on their INT8
+    grid, the model is back in eval mode."""
+    model, batches = model_and_batches("pointpillars.yaml", n=2)
+    q = prepare(copy.deepcopy(model))
+    calibrate(q, batches, "sparse")
+    before = {m.name: m.weight_int8().clone() for m in quant_layers(q)}
+    log = qat_finetune(q, batches, lr=1e-2)
+    assert log["steps"] == 2 and np.isfinite(log["loss_first"]) and not q.training
+    changed = 0
+    for m in quant_layers(q):
+        w = m.layer.weight.detach()
+        shape = [1] * w.dim()
+        shape[1 if isinstance(m.layer, torch.nn.ConvTranspose2d) else 0] = -1
+        grid = w / m.w_scale.reshape(shape)
+        assert torch.allclose(grid, grid.round(), atol=1e-3) and float(grid.abs().max()) <= 127 + 1e-3, m.name
+        changed += int((m.weight_int8() != before[m.name]).sum())
+    assert changed > 0
