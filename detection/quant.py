@@ -5,20 +5,25 @@ A trained detector is prepared once (`prepare`): every BatchNorm is folded into 
 linear layer before it, and every convolution / linear layer (dense `Conv2d`, `ConvTranspose2d`,
 `Linear`; sparse `SubMConv3d`, `SparseConv3d`) is wrapped in a `QuantLayer` that quantizes its
 weight (INT8, symmetric, one scale per output channel) and its input activation (UINT8, affine,
-one scale and zero point per tensor). Calibration (`calibrate`) runs the model on a few training
-frames, records each layer's input values, and sets the activation ranges by one of:
+one scale and zero point per tensor; layers reading one tensor share it). Calibration
+(`calibrate`) runs the model on a few training frames, records each layer's input values, and sets
+the activation ranges by one of:
 
 * `minmax`: the smallest and largest value seen (the baseline);
 * `entropy`: TensorRT's KL-divergence threshold on the histogram of the values (the baseline);
 * `sparse` (LiDAR-PTQ's sparsity-based calibration): max-min over the **non-zero** values only,
-  refined by a search over clipping ranges that minimises the quantization error of those values,
-  so that the zeros of the scattered BEV map (empty pillars, most of the map) do not decide the
-  scale.
+  refined layer by layer by a search over clipping ranges that minimises the layer's output error
+  where the float model sees objects, so that the zeros of the scattered BEV map (empty pillars,
+  most of the map) do not decide the scale;
+* `lidar-ptq`: `sparse`, then LiDAR-PTQ's adaptive rounding of the dense part's weights with its
+  task-guided global positive loss (TGPL: the float model's confident predictions as targets,
+  `_adaround`).
 
-This module simulates INT8 (fake quantization: values rounded to the INT8 grid and back), which
-is what the accuracy of any INT8 kernel is; the model file (`save_quantized`) stores the weights as
-int8 with their scales. Still to come (issue 52): the task-guided global positive loss, adaptive
-rounding, real INT8 kernels for the dense part, and the QAT comparison.
+`qat_finetune` is the quantization-aware fine-tune baseline; `quantize_model` runs any of them on a
+dataset (`p3d quantize`). Accuracy is simulated INT8 (fake quantization: values rounded to the INT8
+grid and back, what an INT8 kernel computes); the model file (`save_quantized`) stores the weights
+as int8 with their scales; `OrtDense` runs the dense part (BEV backbone + head) on onnxruntime's
+INT8 kernels. The pillar encoder and the sparse 3D convolutions stay simulated INT8.
 """
 from __future__ import annotations
 
