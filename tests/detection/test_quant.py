@@ -103,13 +103,11 @@ def test_entropy_threshold_known_answers():
     assert _entropy_threshold(sparse_map) < 0.1 * sparse_map.max()
 
 
-@pytest.mark.parametrize("method", ["minmax", "entropy", "sparse", "lidar-ptq"])
+@pytest.mark.parametrize("method", ["minmax", "entropy", "sparse"])  # lidar-ptq's file: the command test
 def test_calibration_sets_every_layer_and_roundtrips_through_the_file(method, tmp_path):
     model, batches = model_and_batches("pointpillars.yaml", n=2)
     q = prepare(copy.deepcopy(model))
-    facts = calibrate(q, batches, method, rounding_iters=2)
-    assert ("_rounding" in facts) == (method == "lidar-ptq")
-    facts.pop("_rounding", None)
+    facts = calibrate(q, batches, method)
     # layers reading one tensor share one input range: the head's shared features feed the 7
     # branches, the last conv of each backbone stage feeds the next stage and its deblock
     branches = [f"head.{b}.0" for b in ("heatmap", "offset", "z", "dims", "rot", "direction", "iou")]
@@ -249,9 +247,9 @@ def test_adaptive_rounding_moves_weights_one_step_at_most():
     from its nearest rounding (down or up), some weights move, and the losses are logged."""
     model, batches = model_and_batches("pointpillars.yaml", n=2)
     nearest = prepare(copy.deepcopy(model))
-    calibrate(nearest, batches, "sparse")
+    calibrate(nearest, batches, "sparse", search="none")  # the ranges do not matter here: skip the search
     learnt = prepare(copy.deepcopy(model))
-    facts = calibrate(learnt, batches, "lidar-ptq", rounding_iters=8)
+    facts = calibrate(learnt, batches, "lidar-ptq", rounding_iters=8, search="none")
     moved = 0
     for a, b in zip(quant_layers(nearest), quant_layers(learnt)):
         assert torch.equal(a.a_scale, b.a_scale) and torch.equal(a.a_zero, b.a_zero)
