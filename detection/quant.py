@@ -41,8 +41,9 @@ from torch import nn
 from perception3d.errors import DataError
 from perception3d.sparse import spconv
 
-__all__ = ["METHODS", "PIPELINES", "quantize_model", "default_steps", "qat_finetune", "QuantLayer", "prepare", "calibrate", "quant_layers", "save_quantized", "load_quantized",
-           "is_quantized_file", "read_quantized_config", "QUANT_FORMAT", "export_dense_onnx", "OrtDense"]
+__all__ = ["METHODS", "PIPELINES", "QuantLayer", "prepare", "calibrate", "quant_layers", "qat_finetune",
+           "default_steps", "quantize_model", "save_quantized", "load_quantized", "is_quantized_file",
+           "read_quantized_config", "QUANT_FORMAT", "export_dense_onnx", "OrtDense"]
 
 METHODS = ("lidar-ptq", "sparse", "minmax", "entropy")  # calibrations (`calibrate`)
 PIPELINES = METHODS + ("qat",)  # what `quantize_model` (and `p3d quantize --method`) runs
@@ -103,16 +104,12 @@ class QuantLayer(nn.Module):
 
     def weight_int8(self) -> torch.Tensor:
         w = self.layer.weight.detach()
-        shape = [1] * w.dim()
-        shape[_out_axis(self.layer)] = -1
-        return torch.clamp(torch.round(w / self.w_scale.reshape(shape)), -127, 127).to(torch.int8)
+        return torch.clamp(torch.round(w / self.w_scale.reshape(self._shape())), -127, 127).to(torch.int8)
 
     def quantize_weight(self) -> None:
         """Round the layer's weight to its INT8 grid, in place (the weights a kernel would use)."""
-        shape = [1] * self.layer.weight.dim()
-        shape[_out_axis(self.layer)] = -1
         with torch.no_grad():
-            self.layer.weight.copy_(self.weight_int8().float() * self.w_scale.reshape(shape))
+            self.layer.weight.copy_(self.weight_int8().float() * self.w_scale.reshape(self._shape()))
 
     def set_range(self, lo: float, hi: float) -> None:
         """UINT8 affine parameters covering `[lo, hi]` (0 always representable exactly)."""
@@ -125,13 +122,14 @@ class QuantLayer(nn.Module):
         return torch.fake_quantize_per_tensor_affine(x.float(), float(self.a_scale), int(self.a_zero), 0, 255).to(x.dtype)
 
     def _shape(self) -> list[int]:
+        """The shape that broadcasts the per-output-channel `w_scale` over the weight."""
         shape = [1] * self.layer.weight.dim()
         shape[_out_axis(self.layer)] = -1
         return shape
 
     def soft_weight(self) -> torch.Tensor:
         """Adaptive rounding's weight: each weight on its INT8 grid rounded down, plus `h(V)` in
-        [0, 1] (Nagel et al. 2020's rectified sigmoid), learnt, then set to 0 or 1 (`harden`)."""
+        [0, 1] (Nagel et al. 2020's rectified sigmoid), learnt, then set to 0 or 1 (`_adaround`'s end)."""
         s = self.w_scale.reshape(self._shape())
         return s * torch.clamp(torch.floor(self.w_float / s) + _rectified_sigmoid(self.round_logits), -127, 127)
 
@@ -397,8 +395,11 @@ def _adaround(model: nn.Module, bevs: list[tuple[torch.Tensor, torch.Tensor]], i
     log = []
 
     def recon(q_feats, ref_feats, wmap):
-        return sum(((a - b).pow(2) * _resized(wmap, *b.shape[-2:])).mean()
-                   / (b.pow(2) * _resized(wmap, *b.shape[-2:])).mean().clamp(min=1e-12) for a, b in zip(q_feats, ref_feats))
+        total = 0
+        for a, b in zip(q_feats, ref_feats):
+            w = _resized(wmap, *b.shape[-2:])
+            total = total + ((a - b).pow(2) * w).mean() / (b.pow(2) * w).mean().clamp(min=1e-12)
+        return total
 
     try:
         with torch.no_grad():  # the float model's features and outputs, once per frame
@@ -484,7 +485,7 @@ class _Recorder:
 
 
 def calibrate(model: nn.Module, batches: Iterable, method: str, progress: Callable | None = None,
-              search_frames: int = 4, rounding_iters: int = 200, search: str = "task",
+              search_frames: int = 4, rounding_iters: int | None = None, search: str = "task",
               tgpl_weight: float = 1.0) -> dict:
     """Set every `QuantLayer`'s activation range from the model's inputs on `batches` (a prepared
     model, `prepare`) and round the weights to INT8. Returns per-layer calibration facts (and, for
@@ -493,7 +494,8 @@ def calibrate(model: nn.Module, batches: Iterable, method: str, progress: Callab
     `minmax` / `entropy`: the baselines, weights rounded to nearest. `sparse`: the non-zero values'
     max-min, then the clipping search on the first `search_frames` batches (`_refine_by_output`),
     weights rounded to nearest. `lidar-ptq`: `sparse`, then the dense part's weights rounded by
-    adaptive rounding with the TGPL (`_adaround`, `rounding_iters` Adam steps over all batches).
+    adaptive rounding with the TGPL (`_adaround`, `rounding_iters` Adam steps over all batches;
+    default `default_steps`).
     For the ablation: `search` = `task` (errors weighted to objects), `plain` (every value counts)
     or `none` (no search: the non-zero max-min); `tgpl_weight` 0 leaves the reconstruction alone."""
     batches = list(batches)
@@ -504,6 +506,7 @@ def calibrate(model: nn.Module, batches: Iterable, method: str, progress: Callab
     layers = quant_layers(model)
     if not layers:
         raise ValueError("calibrate: the model has no QuantLayer (call prepare first)")
+    rounding_iters = default_steps(method) if rounding_iters is None else rounding_iters
     learn = method == "lidar-ptq" and rounding_iters > 0
     if learn and not hasattr(model, "head"):
         raise ValueError("calibrate: lidar-ptq needs a detector (a model with a BEV backbone and a head)")
@@ -721,11 +724,8 @@ def load_quantized(path: str | Path, model: nn.Module) -> dict:
         raise DataError(f"{path}: does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     for name, module in model.named_modules():
         if isinstance(module, QuantLayer):
-            w8 = tensors[f"{name}.weight_int8"]
-            shape = [1] * w8.dim()
-            shape[_out_axis(module.layer)] = -1
             with torch.no_grad():
-                module.layer.weight.copy_(w8.float() * module.w_scale.reshape(shape))
+                module.layer.weight.copy_(tensors[f"{name}.weight_int8"].float() * module.w_scale.reshape(module._shape()))
     return {"config": json.loads(meta.get("config", "{}")), "info": json.loads(meta.get("info", "{}"))}
 
 
