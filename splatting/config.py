@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from perception3d.errors import ConfigError
+from splatting.coherent.model import CoherentOptions
 from splatting.compact.model import CompactOptions
 
 __all__ = ["SyntheticViewsConfig", "SplatDataConfig", "SplatModelConfig", "SplatOptimConfig", "StrategyConfig",
@@ -55,6 +56,8 @@ class SyntheticViewsConfig:
         num_views: cameras on the orbit (every ``test_every``-th is held out).
         width, height: image size, pixels.
         num_points: surface points written as the SfM-like initial point cloud.
+        arc_deg: the cameras span this much of the ring (360: all around; 90: a frontal arc, for
+            sparse-view training).
     """
 
     seed: int = 0
@@ -62,10 +65,13 @@ class SyntheticViewsConfig:
     width: int = 200
     height: int = 150
     num_points: int = 4000
+    arc_deg: float = 360.0
 
     def __post_init__(self) -> None:
         _int_at_least(self, "data.synthetic", "seed", 0)
         _int_at_least(self, "data.synthetic", "num_views width height num_points", 1)
+        _require(_finite(self.arc_deg) and 0.0 < self.arc_deg <= 360.0, "data.synthetic.arc_deg", self.arc_deg,
+                 "an angle in (0, 360]")
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,10 @@ class SplatDataConfig:
             ``images/``); null: ``images/``, or an LLFF scene's only ``images*`` folder.
         downscale: integer image downscale factor (intrinsics follow).
         test_every: every n-th view (sorted by name) is held out for evaluation (0: none).
+        train_views: sparse-view training: keep only this many of the training views, at positions
+            ``round(linspace(0, n - 1, K))`` of the n in name order (RegNeRF's LLFF rule; see
+            ``SplatDataset``); the held-out views stay the same. ``p3d train --views K`` sets it.
+            null: train on every view not held out.
         background: RGB the renders are composited on, and RGBA images are flattened on.
     """
 
@@ -89,6 +99,7 @@ class SplatDataConfig:
     images: Optional[str] = None
     downscale: int = 1
     test_every: int = 8
+    train_views: Optional[int] = None
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
     def __post_init__(self) -> None:
@@ -100,6 +111,8 @@ class SplatDataConfig:
                      "a folder name under data.root (e.g. images_8) or null")
         _int_at_least(self, "data", "downscale", 1)
         _int_at_least(self, "data", "test_every", 0)
+        if self.train_views is not None:
+            _int_at_least(self, "data", "train_views", 1)
         bg = self.background
         _require(len(bg) == 3 and all(_finite(c) and 0.0 <= c <= 1.0 for c in bg), "data.background", bg,
                  "3 numbers (RGB) in [0, 1]")
@@ -276,3 +289,10 @@ class SplatConfig:
     eval: SplatEvalConfig = field(default_factory=SplatEvalConfig)
     # Compact 3DGS (masks, hash-grid colour, R-VQ; splatting/compact/) instead of SH colour when set
     compact: Optional[CompactOptions] = None
+    # CoherentGS (pixel-aligned Gaussians from 2-4 views; splatting/coherent/) when set
+    coherent: Optional[CoherentOptions] = None
+
+    def __post_init__(self) -> None:
+        if self.compact is not None and self.coherent is not None:
+            raise ConfigError("compact and coherent: a config sets one of them (Compact 3DGS or CoherentGS), "
+                              "not both")

@@ -23,7 +23,8 @@ def write_report(out_dir: Path, result: dict, render_dir: Path, title: str) -> P
     r.heading("Held-out views")
     shown = [(k, name) for k, name in _SHOWN if k in m] + [(k, f"{k[3:]} file (MB)") for k in m if k.startswith("mb_")]
     r.table([name for _, name in shown], [[m[k] for k, _ in shown]])
-    loss = loss_figure(out_dir / "log.jsonl", ["loss", "l1", "d_ssim", "loss_mask", "loss_vq"])
+    loss = loss_figure(out_dir / "log.jsonl", ["loss", "l1", "d_ssim", "loss_mask", "loss_vq", "loss_tv",
+                                                     "loss_flow"])
     if loss is not None:
         r.heading("Training")
         r.figure(loss, "Training loss (L1 + D-SSIM) and its terms, log scale; dashed: held-out PSNR when evaluated "
@@ -40,6 +41,14 @@ def write_report(out_dir: Path, result: dict, render_dir: Path, title: str) -> P
                       (p.with_name(f"{p.stem}_depth.png"), p.with_name(f"{p.stem}_error.png")) if q.is_file()]
             row = np.concatenate(parts, axis=1) if len({a.shape[0] for a in parts}) == 1 else parts[0]
             r.image(row, p.stem, width=max(row.shape[1], 960))  # small renders shown larger
+    inputs = sorted((out_dir / "inputs").glob("*.png")) if (out_dir / "inputs").is_dir() else []
+    if inputs:
+        r.heading("Input views (CoherentGS)")
+        r.note("Each row: input view | initial depth (white outlines: the plane-sweep depths kept; the rest is "
+               "filled) | depth of its Gaussians after training. Turbo: near red, far blue.")
+        for p in inputs:
+            row = np.asarray(Image.open(p).convert("RGB"))
+            r.image(row, p.stem, width=max(row.shape[1], 960))
     r.heading("Every number")
     r.table(["metric", "value"], sorted(m.items()), f"all {len(m)} values of metrics.json", collapsed=True)
     return r.save(out_dir / "report.html")

@@ -66,13 +66,16 @@ def _groups(cfg: SplatConfig) -> tuple[str, ...]:
 # generator settings recorded in synthetic.json -> the config field that sets them
 _SYNTHETIC_FIELDS = {"seed": "data.synthetic.seed", "num_views": "data.synthetic.num_views",
                      "width": "data.synthetic.width", "height": "data.synthetic.height",
-                     "num_points": "data.synthetic.num_points", "background_rgb": "data.background"}
+                     "num_points": "data.synthetic.num_points", "background_rgb": "data.background",
+                     "arc_deg": "data.synthetic.arc_deg"}
 
 
 def _synthetic_difference(record: dict, options: dict) -> list[str]:
     """``field: recorded vs configured`` for every configured generator setting that differs."""
-    return [f"{field} = {record.get(k)!r} in the scene, {options[k]!r} configured"
-            for k, field in _SYNTHETIC_FIELDS.items() if record.get(k) != options[k]]
+    full_ring = {"arc_deg": 360.0}  # recorded only when the cameras span less than the ring
+    return [f"{field} = {record.get(k, full_ring.get(k))!r} in the scene, {options.get(k, full_ring.get(k))!r} "
+            "configured" for k, field in _SYNTHETIC_FIELDS.items()
+            if record.get(k, full_ring.get(k)) != options.get(k, full_ring.get(k))]
 
 
 def prepare_scene(cfg: SplatDataConfig) -> Path:
@@ -96,7 +99,7 @@ def prepare_scene(cfg: SplatDataConfig) -> Path:
     if s is not None:
         try:
             options = synthetic_options(seed=s.seed, num_views=s.num_views, width=s.width, height=s.height,
-                                        num_points=s.num_points, background_rgb=cfg.background)
+                                        num_points=s.num_points, background_rgb=cfg.background, arc_deg=s.arc_deg)
         except DataError as e:
             raise ConfigError(f"data.synthetic: {e}") from None
 
@@ -123,7 +126,8 @@ def prepare_scene(cfg: SplatDataConfig) -> Path:
     print(f"[data] generating the synthetic scene ({s.num_views} views, {s.width}x{s.height}) into {root}")
     try:
         return write_synthetic_scene(root, seed=s.seed, num_views=s.num_views, width=s.width, height=s.height,
-                                     num_points=s.num_points, background_rgb=cfg.background, exist_ok=True)
+                                     num_points=s.num_points, background_rgb=cfg.background, exist_ok=True,
+                                     arc_deg=s.arc_deg)
     except FileExistsError:  # another process generated a scene there meanwhile
         return check_record()
     except OSError as e:
@@ -141,7 +145,8 @@ def _device(cfg: SplatConfig) -> torch.device:
 def _datasets(cfg: SplatConfig) -> tuple[SplatDataset, SplatDataset]:
     scene = load_scene(prepare_scene(cfg.data), images=cfg.data.images)
     kw = dict(downscale=cfg.data.downscale, test_every=cfg.data.test_every, background_rgb=cfg.data.background)
-    train_set, test_set = SplatDataset(scene, "train", **kw), SplatDataset(scene, "test", **kw)
+    train_set = SplatDataset(scene, "train", train_views=cfg.data.train_views, **kw)
+    test_set = SplatDataset(scene, "test", **kw)
     if len(train_set) == 0:
         raise DataError(f"{cfg.data.root}: no training views (data.test_every={cfg.data.test_every} holds out "
                         f"{len(test_set)} of {len(scene.frames)} views)")
@@ -555,6 +560,10 @@ def train(cfg: SplatConfig, out_dir: str | Path, resume: bool = False, on_start:
 
     ``on_start`` is called once the run is set up (after ``resume`` restored its checkpoint), before
     the first step: ``tools/train.py`` writes the run's ``config.yaml`` there."""
+    if cfg.coherent is not None:
+        from splatting.coherent.train import train as train_coherent
+
+        return train_coherent(cfg, out_dir, resume, on_start)
     out_dir = Path(out_dir)
     ts = build(cfg)
     ckpts = CheckpointManager(out_dir / "ckpt", keep_last=cfg.train.keep_last_ckpts)

@@ -471,6 +471,11 @@ class SplatDataset:
     and `use_scene_splits` is true, those are used instead: "train" = the train files' frames,
     "test" = the test files' frames (the val files' when there is no test file).
 
+    Sparse views (`train_views=K`): the "train" split keeps only K of its frames, those at positions
+    `round(linspace(0, n - 1, K))` of its n frames in name order (the first, the last and evenly
+    spaced between: the rule of RegNeRF / FreeNeRF / CoherentGS on LLFF); the held-out split is
+    unchanged, so the views tested are never trained on.
+
     Each image is decoded (alpha composited over `background_rgb`), undistorted at full resolution
     when the camera has distortion (to the pinhole camera with the same `K`) and cropped to the
     rectangle where every pixel has real image content (`undistortion_crop`; the principal point
@@ -484,13 +489,14 @@ class SplatDataset:
         downscale: integer factor >= 1.
         test_every: hold out every n-th frame (0: none).
         use_scene_splits: use the scene's own splits when every frame has one.
+        train_views: keep only this many training views (the sparse-view rule above); None: all.
         background_rgb: background for images with an alpha channel.
         cache: keep decoded images in memory.
     """
 
     def __init__(self, scene: Scene, split: str = "train", downscale: int = 1, test_every: int = 8,
                  use_scene_splits: bool = True, background_rgb: Sequence[float] = (1.0, 1.0, 1.0),
-                 cache: bool = True):
+                 cache: bool = True, train_views: int | None = None):
         if split not in _SPLITS:
             raise DataError(f"split={split!r}: expected one of {_SPLITS}")
         if isinstance(downscale, bool) or not isinstance(downscale, numbers.Integral) or downscale < 1:
@@ -513,6 +519,13 @@ class SplatDataset:
         else:
             is_test = [self.test_every > 0 and i % self.test_every == 0 for i in range(len(ordered))]
             chosen = [f for f, t in zip(ordered, is_test) if t == (split == "test")]
+        if train_views is not None and split == "train":
+            if isinstance(train_views, bool) or not isinstance(train_views, numbers.Integral) or train_views < 1:
+                raise DataError(f"train_views={train_views!r}: expected an integer >= 1 or None")
+            if train_views > len(chosen):
+                raise DataError(f"train_views={train_views}: the scene has only {len(chosen)} training views "
+                                f"({len(ordered)} frames, test_every={self.test_every})")
+            chosen = [chosen[int(round(i))] for i in np.linspace(0, len(chosen) - 1, int(train_views))]
         self.frames: tuple[CameraFrame, ...] = tuple(chosen)
         self._cache: dict[int, torch.Tensor] = {}
         self._grids: dict[tuple, tuple] = {}  # undistortion maps and crops, one per camera

@@ -448,26 +448,33 @@ def look_at(eye: Sequence[float], target: Sequence[float], up: Sequence[float] =
 
 def orbit_cameras(num_views: int, width: int, height: int, seed: int = 0, radius: float = 4.5,
                   fov_x_deg: float = 55.0, elevation_deg: tuple[float, float] = (15.0, 55.0),
-                  target: Sequence[float] = (0.0, 0.0, 0.35)) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Cameras on a ring of varying elevation around `target`, all looking at it.
+                  target: Sequence[float] = (0.0, 0.0, 0.35),
+                  arc_deg: float = 360.0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Cameras on a ring (or an arc of `arc_deg` of it) of varying elevation around `target`, all looking at it.
 
-    View i has azimuth `2 pi i / num_views` (plus a small seeded jitter), an elevation spread over
-    `elevation_deg` by the golden ratio, a distance `radius` +- 5 %, square pixels and the principal
+    View i has azimuth `arc i / num_views` (plus a small seeded jitter), an elevation spread over
+    `elevation_deg` by the golden ratio (on an arc, over the middle `arc / 360` of that range, so
+    that neighbouring views stay as close as on the ring), a distance `radius` +- 5 %, square pixels and the principal
     point at the image centre.
 
     Returns:
         `[(camtoworld float64 [4, 4], K float64 [3, 3])]` per view.
     """
+    if not 0.0 < arc_deg <= 360.0:
+        raise DataError(f"orbit_cameras: arc_deg={arc_deg!r}: expected an angle in (0, 360]")
     if num_views < 1 or width < 1 or height < 1:
         raise DataError(f"orbit_cameras: need num_views, width, height >= 1; got {num_views}, {width}, {height}")
     rng = np.random.default_rng([seed, 1])
     f = 0.5 * width / math.tan(math.radians(0.5 * fov_x_deg))
     K = np.array([[f, 0.0, 0.5 * width], [0.0, f, 0.5 * height], [0.0, 0.0, 1.0]])
     lo, hi = (math.radians(e) for e in elevation_deg)
+    shrink = 0.5 * (hi - lo) * (1.0 - arc_deg / 360.0)
+    lo, hi = lo + shrink, hi - shrink
     target = np.asarray(target, np.float64)
     out = []
     for i in range(num_views):
-        az = 2 * math.pi * i / num_views + float(rng.uniform(-0.3, 0.3)) * math.pi / num_views
+        arc = math.radians(arc_deg)
+        az = arc * i / num_views + float(rng.uniform(-0.3, 0.3)) * 0.5 * arc / num_views
         el = lo + (hi - lo) * ((i * 0.6180339887498949 + 0.5) % 1.0)
         d = radius * float(rng.uniform(0.95, 1.05))
         eye = target + d * np.array([math.cos(el) * math.cos(az), math.cos(el) * math.sin(az), math.sin(el)])
@@ -554,8 +561,12 @@ def _to_uint8(x: np.ndarray) -> np.ndarray:
 # on disk
 # ------------------------------------------------------------------------------------------------
 def synthetic_options(seed: int = 0, num_views: int = 40, width: int = 200, height: int = 150, num_points: int = 4000,
-                      samples_per_side: int = 4, background_rgb: Sequence[float] = (1.0, 1.0, 1.0)) -> dict:
+                      samples_per_side: int = 4, background_rgb: Sequence[float] = (1.0, 1.0, 1.0),
+                      arc_deg: float = 360.0) -> dict:
     """The generator settings `write_synthetic_scene` records in `root/synthetic.json` (checked here).
+
+    ``arc_deg`` is recorded only when the cameras span less than the full ring, so that the records
+    of full-ring scenes written before the option existed still match.
 
     Raises:
         DataError: a setting no scene can be made with (no views, an empty image, no points, ...),
@@ -569,10 +580,13 @@ def synthetic_options(seed: int = 0, num_views: int = 40, width: int = 200, heig
     bg = [float(c) for c in background_rgb]
     if len(bg) != 3 or not all(0.0 <= c <= 1.0 for c in bg):
         raise DataError(f"synthetic scene: background_rgb={tuple(background_rgb)!r}: expected 3 numbers in [0, 1]")
+    if isinstance(arc_deg, bool) or not isinstance(arc_deg, (int, float)) or not 0.0 < arc_deg <= 360.0:
+        raise DataError(f"synthetic scene: arc_deg={arc_deg!r}: expected an angle in (0, 360]")
+    arc = {} if arc_deg == 360.0 else {"arc_deg": float(arc_deg)}
     return {"generator": "splatting.data.synthetic", "version": 1, "seed": whole("seed", seed, 0),
             "num_views": whole("num_views", num_views, 1), "width": whole("width", width, 1),
             "height": whole("height", height, 1), "num_points": whole("num_points", num_points, 1),
-            "samples_per_side": whole("samples_per_side", samples_per_side, 1), "background_rgb": bg}
+            "samples_per_side": whole("samples_per_side", samples_per_side, 1), "background_rgb": bg, **arc}
 
 
 def read_synthetic_record(root: str | Path) -> dict | None:
@@ -595,7 +609,8 @@ def read_synthetic_record(root: str | Path) -> dict | None:
 
 def write_synthetic_scene(root: str | Path, seed: int = 0, num_views: int = 40, width: int = 200, height: int = 150,
                           num_points: int = 4000, samples_per_side: int = 4,
-                          background_rgb: Sequence[float] = (1.0, 1.0, 1.0), exist_ok: bool = False) -> Path:
+                          background_rgb: Sequence[float] = (1.0, 1.0, 1.0), exist_ok: bool = False,
+                          arc_deg: float = 360.0) -> Path:
     """Generate a synthetic scene and write it as transforms.json + COLMAP text (see the module docstring).
 
     Writing goes into a temporary sibling folder of its own (`perception3d.io.atomic_folder`),
@@ -612,6 +627,8 @@ def write_synthetic_scene(root: str | Path, seed: int = 0, num_views: int = 40, 
         num_points: size of the initial point cloud.
         samples_per_side: anti-aliasing, `s x s` samples per pixel.
         background_rgb: plain background colour.
+        arc_deg: the cameras' azimuths span this much of the ring (360: all around; less: a
+            frontal arc, as in sparse-view benchmarks).
         exist_ok: return `root` untouched when it already holds a scene generated with the same
             arguments (its `synthetic.json` matches).
 
@@ -628,7 +645,7 @@ def write_synthetic_scene(root: str | Path, seed: int = 0, num_views: int = 40, 
     from perception3d.io.pointcloud import write_ply
 
     root = Path(root)
-    options = synthetic_options(seed, num_views, width, height, num_points, samples_per_side, background_rgb)
+    options = synthetic_options(seed, num_views, width, height, num_points, samples_per_side, background_rgb, arc_deg)
 
     def existing() -> Path:
         if exist_ok and read_synthetic_record(root) == options:
@@ -639,7 +656,7 @@ def write_synthetic_scene(root: str | Path, seed: int = 0, num_views: int = 40, 
     if root.exists():
         return existing()
     scene = make_synthetic_scene(seed, background_rgb=background_rgb)
-    cameras = orbit_cameras(num_views, width, height, seed=seed, target=scene.target)
+    cameras = orbit_cameras(num_views, width, height, seed=seed, target=scene.target, arc_deg=arc_deg)
     try:
         with atomic_folder(root) as tmp:
             (tmp / "images").mkdir()
