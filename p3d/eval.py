@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="checkpoint file (e.g. outputs/<run>/ckpt/latest.pt) or a run folder")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config value (repeatable; VALUE is YAML)")
+    ap.add_argument("--data", metavar="PATH", default=None,
+                    help="the dataset to use: the same as --set data.root=PATH")
     ap.add_argument("--out", metavar="DIR", default=None,
                     help="where metrics go (default: outputs/<config file stem>/eval)")
     return ap
@@ -37,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
+    if args.data is not None:  # first: an explicit --set data.root wins
+        args.overrides.insert(0, f"data.root={args.data}")
     config_path, ckpt = Path(args.config), Path(args.ckpt)
     if not config_path.is_file():
         ap.error(f"--config {config_path}: file not found")

@@ -1,6 +1,7 @@
 """Train the experiment a config describes.
 
     p3d train --config configs/quickstart.yaml [--set train.lr=0.002 ...] [--resume] [--out DIR]
+    p3d train --config configs/splatting/coherentgs_llff.yaml --data nerf_llff_data/fern --views 3
     torchrun --standalone --nproc_per_node=2 tools/train.py --config ...   # data parallel
 
 (`p3d train ...` is the same command.)
@@ -35,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override a config value, e.g. --set train.lr=0.002 (repeatable; VALUE is YAML)")
     ap.add_argument("--resume", action="store_true",
                     help="continue from OUT/ckpt/latest.pt (exactly where it stopped)")
+    ap.add_argument("--data", metavar="PATH", default=None,
+                    help="the dataset to use: the same as --set data.root=PATH")
+    ap.add_argument("--views", metavar="K", type=int, default=None,
+                    help="splatting: train on K views picked by the sparse-view rule (first, last, evenly between); "
+                         "the same as --set data.train_views=K")
     ap.add_argument("--out", metavar="DIR", default=None,
                     help="run folder (default: outputs/<config file stem>)")
     return ap
@@ -43,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
+    # the shortcuts go first: an explicit --set of the same key wins
+    args.overrides[:0] = ([f"data.root={args.data}"] if args.data is not None else []) + (
+        [f"data.train_views={args.views}"] if args.views is not None else [])
     config_path = Path(args.config)
     if not config_path.is_file():
         ap.error(f"--config {config_path}: file not found")

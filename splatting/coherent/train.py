@@ -174,10 +174,10 @@ def align(cfg: SplatConfig, st: CoherentState, logger: RunLogger | None = None) 
     with torch.no_grad():
         after = float(flow_errors(means(), st.viewmats, st.Ks, st.flow_targets).median())
     if logger is not None:
-        scale = np.round(m.log_a.detach().exp().cpu().numpy(), 3).tolist()
-        offset = np.round(m.b.detach().cpu().numpy(), 3).tolist()
+        scale = ", ".join(f"{x:.3f}" for x in m.log_a.detach().exp().tolist())
+        offset = ", ".join(f"{x:+.3f}" for x in m.b.detach().tolist())
         logger.message(f"[coherent] stage 1, depth alignment ({cfg.coherent.align_steps} steps): median flow error "
-                       f"{before:.2f} -> {after:.2f} px; disparity scale {scale}, offset {offset}")
+                       f"{before:.2f} -> {after:.2f} px; per-view disparity scale {scale}, offset {offset}")
     return before, after
 
 
