@@ -211,6 +211,8 @@ def test_bench_quick(name):
         "raster": lambda r: r["max_abs_err"] < 1e-3 and r["max_rel_err_grads"] < 1e-3,
         "compact3dgs": lambda r: r["psnr_vanilla"] > 10 and r["psnr_compact"] > 10 and r["mb_compact_post"] > 0,
         "train_step": lambda r: r["gaussians"] == 2000,
+        "coherentgs": lambda r: r["views"] == 3 and r["gaussians_coherentgs"] == 3 * 22 * 30 and r["s_train"] > 0
+        and 8 < r["psnr_coherentgs"] < 60 and 5 < r["psnr_vanilla"] < 60 and 0 < r["ssim_coherentgs"] <= 1,
         "detection_train_step": lambda r: r["voxels_dsvt"] > 0 and r["voxels_second"] > 0,
         "ptq": lambda r: [row["model"] for row in r["results"]] == ["pointpillars", "second"] and all(
             row["ptq_seconds"] > 0 and row["qat_seconds"] > 0 and row["qat_steps"] == 2

@@ -6,7 +6,9 @@ learned network (RAFT-style, :mod:`splatting.coherent.nets`) can be used from a 
 
 A flow vector is used only where the image has texture (the grey 5 x 5 patch's standard deviation
 is at least 0.01; in flat regions any flow fits the images) and where it survives the
-forward-backward check: when following it forward and the backward flow
+epipolar check (with the cameras known, a match must land within 2 px of its pixel's epipolar
+line; wide baselines make DIS return displacements that fit the images but not the geometry) and
+the forward-backward check: when following it forward and the backward flow
 from where it lands returns close to the start (Sundaram et al. 2010; the thresholds of UnFlow):
 ``|f(p) + b(p + f(p))|^2 < alpha (|f(p)|^2 + |b(p + f(p))|^2) + beta``. Occluded and mismatched
 pixels fail it.
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 
 from perception3d.errors import DataError
 
-__all__ = ["optical_flow", "forward_backward_mask", "textured", "sample_map", "pair_flows"]
+__all__ = ["optical_flow", "forward_backward_mask", "textured", "epipolar_distance", "sample_map", "pair_flows"]
 
 
 def _grey_uint8(image: np.ndarray) -> np.ndarray:
@@ -107,9 +109,25 @@ def textured(image: np.ndarray, window: int = 5, min_std: float = 0.01) -> np.nd
     return (var.clamp(min=0).sqrt()[0, 0] >= min_std).numpy()
 
 
+def epipolar_distance(flow: np.ndarray, viewmat_a: torch.Tensor, K_a: torch.Tensor, viewmat_b: torch.Tensor,
+                      K_b: torch.Tensor) -> np.ndarray:
+    """``[H, W]``: pixels between where ``flow`` (view a -> b) lands and the epipolar line of its pixel in b."""
+    H, W = flow.shape[:2]
+    rel = viewmat_b.double() @ torch.linalg.inv(viewmat_a.double())  # camera a -> camera b
+    R, t = rel[:3, :3], rel[:3, 3]
+    tx = torch.tensor([[0.0, -t[2], t[1]], [t[2], 0.0, -t[0]], [-t[1], t[0], 0.0]], dtype=torch.float64)
+    Fm = torch.linalg.inv(K_b.double()).T @ tx @ R @ torch.linalg.inv(K_a.double())
+    p = torch.cat([_pixel_grid(H, W).double(), torch.ones(H, W, 1, dtype=torch.float64)], -1)
+    q = torch.cat([p[..., :2] + torch.from_numpy(np.asarray(flow, np.float64)), p[..., 2:]], -1)
+    line = p @ Fm.T  # l = F p in b
+    return ((q * line).sum(-1).abs() / line[..., :2].norm(dim=-1).clamp(min=1e-12)).float().numpy()
+
+
 def pair_flows(images: list[np.ndarray], method: str = "dis", net: Callable[..., np.ndarray] | None = None,
-               progress: bool = False) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
-    """Flow and mask (textured and consistent) for every ordered pair of views: ``{(i, j): (flow i -> j, mask)}``."""
+               progress: bool = False, viewmats: torch.Tensor | None = None, Ks: torch.Tensor | None = None,
+               max_epipolar_px: float = 2.0) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
+    """Flow and mask (textured, consistent and, with the cameras given, epipolar) for every ordered pair
+    of views: ``{(i, j): (flow i -> j, mask)}``."""
     from tqdm import tqdm
 
     pairs = [(i, j) for i in range(len(images)) for j in range(i + 1, len(images))]
@@ -118,4 +136,8 @@ def pair_flows(images: list[np.ndarray], method: str = "dis", net: Callable[...,
         fij, fji = optical_flow(images[i], images[j], method, net), optical_flow(images[j], images[i], method, net)
         out[(i, j)] = fij, forward_backward_mask(fij, fji) & textured(images[i])
         out[(j, i)] = fji, forward_backward_mask(fji, fij) & textured(images[j])
+        if viewmats is not None:
+            for a, b in ((i, j), (j, i)):
+                f, m = out[(a, b)]
+                out[(a, b)] = f, m & (epipolar_distance(f, viewmats[a], Ks[a], viewmats[b], Ks[b]) < max_epipolar_px)
     return out

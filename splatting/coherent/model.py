@@ -16,7 +16,7 @@ Per input view ``v`` and Gaussian pixel ``p`` (the centre of a ``stride`` x ``st
 * rotation and SH colour are free per-Gaussian parameters (colour starts at the block's mean colour).
 
 **Single-view coherence.** ``(delta_z, delta_o)`` are the output of a small convolutional decoder of
-its own per view (3x3 conv, SiLU, 3x3 conv, SiLU, 1x1 conv; the last layer starts at zero) whose
+its own per view (1x1 conv, SiLU, 3x3 conv, SiLU, 1x1 conv; the last layer starts at zero) whose
 input is a fixed positional code of the pixel grid: Fourier features ``sin / cos(2^k pi x)``,
 ``k < code_frequencies``, of the normalised pixel coordinates. The decoder can only produce fields
 as smooth as its input, so neighbouring Gaussians move together. **Depth layers** let them break
@@ -152,7 +152,7 @@ def positional_code(h: int, w: int, frequencies: int) -> torch.Tensor:
 
 
 def _decoder(channels: int, width: int) -> torch.nn.Sequential:
-    net = torch.nn.Sequential(torch.nn.Conv2d(channels, width, 3, padding=1), torch.nn.SiLU(),
+    net = torch.nn.Sequential(torch.nn.Conv2d(channels, width, 1), torch.nn.SiLU(),
                               torch.nn.Conv2d(width, width, 3, padding=1), torch.nn.SiLU(),
                               torch.nn.Conv2d(width, 2, 1))
     torch.nn.init.zeros_(net[-1].weight)

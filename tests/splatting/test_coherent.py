@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +21,7 @@ from perception3d.config import load_config
 from perception3d.errors import ConfigError, DataError
 from splatting.coherent.depth import (align_disparity, fill_and_smooth, initial_depths, model_disparity,
                                       pixel_rays, project)
-from splatting.coherent.flow import forward_backward_mask, optical_flow, pair_flows
+from splatting.coherent.flow import epipolar_distance, forward_backward_mask, optical_flow, pair_flows
 from splatting.coherent.model import CoherentModel, CoherentOptions, depth_layers, tv_loss
 from splatting.coherent.nets import load_net
 from splatting.coherent.train import align, build, flow_errors, interpolate_pose
@@ -123,7 +125,7 @@ def test_forward_backward_mask():
 def test_plane_sweep_against_ray_cast_depth(views):
     """The plane sweep's kept depths and the filled map, against the scene's exact depth."""
     ds, images, viewmats, Ks, gt = views
-    flows = pair_flows([im.numpy() for im in images])
+    flows = pair_flows([im.numpy() for im in images], viewmats=viewmats, Ks=Ks)
     init = initial_depths(images, viewmats, Ks, flows, CoherentOptions(), [f.name for f in ds.frames])
     hit = np.isfinite(gt)
     rel = np.abs(init.depth - gt) / np.where(hit, gt, 1.0)
@@ -139,8 +141,16 @@ def test_plane_sweep_against_ray_cast_depth(views):
             + torch.linalg.inv(viewmats[i])[:3, 3]
         uv, _ = project(pts, viewmats[j], Ks[j])
         ys, xs = np.mgrid[0:H, 0:W] + 0.5
-        err = np.linalg.norm(uv.numpy() - np.stack([xs, ys], -1) - flow, axis=-1)
+        true_flow = uv.numpy() - np.stack([xs, ys], -1)
+        err = np.linalg.norm(true_flow - flow, axis=-1)
         assert np.median(err[mask & hit[i]]) < 1.5
+        # the epipolar check: the true flow lies on the epipolar lines; moved off them, it is that far
+        on = epipolar_distance(true_flow, viewmats[i], Ks[i], viewmats[j], Ks[j])
+        assert np.median(on[hit[i]]) < 1e-3
+        normal = np.stack([-true_flow[..., 1], true_flow[..., 0]], -1)  # not the line's normal in general
+        off = epipolar_distance(true_flow + 3.0 * normal / np.linalg.norm(normal, axis=-1, keepdims=True),
+                                viewmats[i], Ks[i], viewmats[j], Ks[j])
+        assert np.median(off[hit[i]]) > 1.0
 
 
 def test_fill_prefers_the_far_side_and_median_keeps_edges():
@@ -187,7 +197,7 @@ def test_depth_from_a_folder_is_aligned_to_the_plane_sweep(views, tmp_path):
             Image.fromarray((d * 1000).astype(np.uint16)).save(tmp_path / f"{Path(name).stem}.png")
         else:
             np.save(tmp_path / f"{Path(name).stem}.npy", d)
-    flows = pair_flows([im.numpy() for im in images])
+    flows = pair_flows([im.numpy() for im in images], viewmats=viewmats, Ks=Ks)
     init = initial_depths(images, viewmats, Ks, flows, _depth_opts(depth_source="folder", depth_folder=str(tmp_path)),
                           names)
     hit = np.isfinite(gt)
@@ -234,7 +244,7 @@ def test_monocular_depth_network_from_a_local_file(views, tmp_path, suffix):
     hit = np.isfinite(gt[v])
     a, b = align_disparity(out, 1.0 / np.where(hit, gt[v], 1.0), hit)
     assert a == pytest.approx(4.0, rel=0.05)
-    flows = pair_flows([im.numpy() for im in images])
+    flows = pair_flows([im.numpy() for im in images], viewmats=viewmats, Ks=Ks)
     init = initial_depths(images, viewmats, Ks, flows, _depth_opts(depth_source="model", depth_model=str(path),
                                                                    depth_model_input=32), [f.name for f in ds.frames])
     rel = np.abs(init.depth[v] - gt[v]) / np.where(hit, gt[v], 1.0)
@@ -363,15 +373,20 @@ def _llff_published(src: Path, root: Path) -> Path:
     return root
 
 
-def test_llff_one_command_views_3_then_eval_and_resume(scene_root, tmp_path):
+def test_llff_one_command_views_3_then_eval_view_and_resume(scene_root, tmp_path):
     """The README's LLFF command on an LLFF-layout scene: `--data` and `--views 3`, a few steps; the
-    run's files, the Gaussian count, then `p3d eval` of the run and a `--resume` to more steps."""
+    run's files, the Gaussian count, then `p3d eval` of the run, `p3d view` and a `--resume` to more steps."""
     root = _llff_published(scene_root, tmp_path / "llff")
-    llff = ROOT / "configs" / "splatting" / "coherentgs_llff.yaml"
+    readme = (ROOT / "README.md").read_text()
+    typed = shlex.split(re.search(r"`(p3d train --config configs/splatting/coherentgs_llff.yaml --data \S+ --views 3)`",
+                                  readme).group(1))
+    llff = ROOT / typed[3]
     out = tmp_path / "run"
     sets = ["--set", "train.max_steps=20", "--set", "train.ckpt_every=10", "--set", "train.progress=false",
             "--set", "coherent.align_steps=20"]
-    r = run_tool("train", "--config", str(llff), "--data", str(root), "--views", "3", "--out", str(out), *sets)
+    argv = typed[1:]
+    argv[argv.index("--data") + 1] = str(root)  # the README's command, on the scene written here
+    r = run_tool(*argv, "--out", str(out), *sets)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "metrics.json").read_text())
     assert res["train_view_names"] == ["IMG_0001.png", "IMG_0004.png", "IMG_0007.png"]
@@ -388,6 +403,10 @@ def test_llff_one_command_views_3_then_eval_and_resume(scene_root, tmp_path):
     assert e.returncode == 0, e.stderr[-3000:]
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["metrics"]["psnr"] == pytest.approx(m["psnr"],
                                                                                                          abs=1e-3)
+    shot = tmp_path / "view.png"  # the viewer shows the run like any splatting run: Gaussians and cameras
+    v = run_tool("view", str(out), "--screenshot", str(shot), "--size", "320x240")
+    assert v.returncode == 0, v.stderr[-3000:]
+    assert np.asarray(Image.open(shot).convert("L")).std() > 5  # not a blank picture
     more = [a if a != "train.max_steps=20" else "train.max_steps=30" for a in sets]
     r2 = run_tool("train", "--config", str(llff), "--data", str(root), "--views", "3", "--out", str(out), "--resume",
                   *more)
