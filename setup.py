@@ -19,6 +19,7 @@ setup(
         "nerfstudio.method_configs": [
             "p3d-3dgs = splatting.ns_plugin:p3d_3dgs",
             "p3d-compact3dgs = splatting.ns_plugin:p3d_compact3dgs",
+            "p3d-coherentgs = splatting.ns_plugin:p3d_coherentgs",
         ],
     },
     install_requires=[

@@ -40,14 +40,15 @@ from perception3d.errors import ConfigError, DataError
 from perception3d.io.atomic import atomic_path, atomic_write_text
 from splatting.coherent.depth import InitialDepth, initial_depths, project
 from splatting.coherent.flow import pair_flows, sample_map
-from splatting.coherent.model import CoherentModel, tv_loss
+from splatting.coherent.model import CoherentModel, CoherentOptions, tv_loss
 from splatting.coherent.nets import load_net
 from splatting.config import SplatConfig
 from splatting.gaussians import Gaussians, render_raw
 from splatting.metrics import ssim_loss
 from splatting.report import write_report
 
-__all__ = ["CoherentState", "build", "align", "train_step", "train", "interpolate_pose"]
+__all__ = ["CoherentState", "build", "build_model", "align", "align_depths", "train_step", "coherence_losses",
+           "param_groups", "train", "interpolate_pose"]
 
 
 @dataclass
@@ -111,16 +112,36 @@ def interpolate_pose(c2w_a: torch.Tensor, c2w_b: torch.Tensor, t: float) -> torc
     return out.to(c2w_a.device)
 
 
+def param_groups(model: CoherentModel) -> dict[str, list[torch.nn.Parameter]]:
+    """Stage 2's parameter groups, by name, in the optimiser's order."""
+    return {"decoders": list(model.decoders.parameters()), "alignment": [model.log_a, model.b], "sh0": [model.sh0],
+            "shN": [model.shN], "scales": [model.scales], "quats": [model.quats]}
+
+
 def _optimizer(cfg: SplatConfig, model: CoherentModel) -> torch.optim.Optimizer:
     c, o = cfg.coherent, cfg.optim
-    return torch.optim.Adam([
-        {"params": list(model.decoders.parameters()), "lr": c.decoder_lr, "name": "decoders"},
-        {"params": [model.log_a, model.b], "lr": 0.1 * c.align_lr, "name": "alignment"},
-        {"params": [model.sh0], "lr": o.sh0_lr, "name": "sh0"},
-        {"params": [model.shN], "lr": o.shN_lr, "name": "shN"},
-        {"params": [model.scales], "lr": o.scales_lr, "name": "scales"},
-        {"params": [model.quats], "lr": o.quats_lr, "name": "quats"},
-    ], eps=1e-15)
+    lr = {"decoders": c.decoder_lr, "alignment": 0.1 * c.align_lr, "sh0": o.sh0_lr, "shN": o.shN_lr,
+          "scales": o.scales_lr, "quats": o.quats_lr}
+    return torch.optim.Adam([{"params": params, "lr": lr[name], "name": name}
+                             for name, params in param_groups(model).items()], eps=1e-15)
+
+
+def build_model(images: list[torch.Tensor], viewmats: torch.Tensor, Ks: torch.Tensor, names: list[str],
+                opts: CoherentOptions, sh_degree: int, init_opacity: float, init_scale: float,
+                device: torch.device | str = "cpu", progress: bool = False) -> tuple[CoherentModel, dict, InitialDepth]:
+    """The set-up of the module docstring for ``images`` (per view ``float32 [H, W, 3]`` in [0, 1], one
+    size) with ``[V, 4, 4]`` world -> camera ``viewmats`` and ``[V, 3, 3]`` ``Ks``; ``names`` are the
+    image file names (``depth_source: folder`` reads ``<stem>`` depth maps).
+
+    Returns:
+        ``(model, flow targets, initial depth)``, the model and the targets on ``device``.
+    """
+    net = load_net(opts.flow_model, "coherent.flow_model") if opts.flow_model else None
+    flows = pair_flows([im.numpy() for im in images], opts.flow_method, net, progress, viewmats, Ks)
+    init = initial_depths(torch.stack(images), viewmats, Ks, flows, opts, names, progress)
+    model = CoherentModel(images, list(torch.linalg.inv(viewmats)), list(Ks), list(init.depth), opts,
+                          sh_degree, init_opacity, init_scale).to(device)
+    return model, _flow_targets(model, flows, device), init
 
 
 def build(cfg: SplatConfig) -> CoherentState:
@@ -128,9 +149,17 @@ def build(cfg: SplatConfig) -> CoherentState:
 
     Raises:
         ConfigError: fewer than 2 training views, or views of different sizes.
+        DataError: a configured depth folder or network file does not exist (checked first).
     """
     from splatting.trainer import _datasets, _device
 
+    opts = cfg.coherent
+    for key, path, kind in (("depth_folder", opts.depth_folder if opts.depth_source == "folder" else None, "folder"),
+                            ("depth_model", opts.depth_model if opts.depth_source == "model" else None, "file"),
+                            ("flow_model", opts.flow_model, "file")):
+        found = path is None or (Path(path).expanduser().is_dir() if kind == "folder" else Path(path).expanduser().is_file())
+        if not found:
+            raise DataError(f"coherent.{key}={path}: {kind} not found")
     device = _device(cfg)
     seed_everything(cfg.train.seed)
     train_set, test_set = _datasets(cfg)
@@ -142,43 +171,76 @@ def build(cfg: SplatConfig) -> CoherentState:
     sizes = {train_set.size(i) for i in range(len(train_set))}
     if len(sizes) != 1:
         raise DataError(f"{cfg.data.root}: CoherentGS needs training views of one size; got {sorted(sizes)}")
-    opts, progress = cfg.coherent, cfg.train.progress
+    progress = cfg.train.progress
     images = [train_set[i].image for i in range(len(train_set))]
     viewmats, Ks = train_set.cameras()
-    net = load_net(opts.flow_model, "coherent.flow_model") if opts.flow_model else None
-    flows = pair_flows([im.numpy() for im in images], opts.flow_method, net, progress)
-    init = initial_depths(torch.stack(images), viewmats, Ks, flows, opts, [f.name for f in train_set.frames], progress)
-    model = CoherentModel(images, list(torch.linalg.inv(viewmats)), list(Ks), list(init.depth), opts,
-                          cfg.model.sh_degree, cfg.model.init_opacity, cfg.model.init_scale).to(device)
+    model, flow_targets, init = build_model(images, viewmats, Ks, [f.name for f in train_set.frames], opts,
+                                            cfg.model.sh_degree, cfg.model.init_opacity, cfg.model.init_scale,
+                                            device, progress)
     bg = torch.tensor(cfg.data.background, dtype=torch.float32, device=device)[None]
     return CoherentState(train_set, test_set, model, _optimizer(cfg, model), viewmats.to(device), Ks.to(device),
-                         [im.to(device) for im in images], _flow_targets(model, flows, device), init, bg, device)
+                         [im.to(device) for im in images], flow_targets, init, bg, device)
 
 
 def align(cfg: SplatConfig, st: CoherentState, logger: RunLogger | None = None) -> tuple[float, float]:
-    """Stage 1: fit each view's disparity scale and offset to the flow; the median flow error before
-    and after (pixels)."""
+    """Stage 1 (:func:`align_depths` with the config's steps and rate), logged; the median flow error
+    before and after (pixels)."""
     m = st.model
-    opt = torch.optim.Adam([m.log_a, m.b], lr=cfg.coherent.align_lr)
-
-    def means() -> list[torch.Tensor]:
-        return [m.view_means(v, residuals=False) for v in range(m.num_views)]
-
-    with torch.no_grad():
-        before = float(flow_errors(means(), st.viewmats, st.Ks, st.flow_targets).median())
-    for _ in range(cfg.coherent.align_steps):
-        value = flow_loss(means(), st.viewmats, st.Ks, st.flow_targets)
-        opt.zero_grad(set_to_none=True)
-        value.backward()
-        opt.step()
-    with torch.no_grad():
-        after = float(flow_errors(means(), st.viewmats, st.Ks, st.flow_targets).median())
+    before, after = align_depths(m, st.viewmats, st.Ks, st.flow_targets, cfg.coherent.align_steps,
+                                 cfg.coherent.align_lr)
     if logger is not None:
         scale = ", ".join(f"{x:.3f}" for x in m.log_a.detach().exp().tolist())
         offset = ", ".join(f"{x:+.3f}" for x in m.b.detach().tolist())
         logger.message(f"[coherent] stage 1, depth alignment ({cfg.coherent.align_steps} steps): median flow error "
                        f"{before:.2f} -> {after:.2f} px; per-view disparity scale {scale}, offset {offset}")
     return before, after
+
+
+def align_depths(model: CoherentModel, viewmats: torch.Tensor, Ks: torch.Tensor, flow_targets: dict, steps: int,
+                 lr: float) -> tuple[float, float]:
+    """Stage 1: ``steps`` Adam steps (rate ``lr``) on each view's disparity scale and offset against the
+    flow loss alone; the median flow error before and after (pixels)."""
+    m = model
+    opt = torch.optim.Adam([m.log_a, m.b], lr=lr)
+
+    def means() -> list[torch.Tensor]:
+        return [m.view_means(v, residuals=False) for v in range(m.num_views)]
+
+    with torch.no_grad():
+        before = float(flow_errors(means(), viewmats, Ks, flow_targets).median())
+    for _ in range(steps):
+        value = flow_loss(means(), viewmats, Ks, flow_targets)
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+    with torch.no_grad():
+        after = float(flow_errors(means(), viewmats, Ks, flow_targets).median())
+    return before, after
+
+
+def coherence_losses(model: CoherentModel, g: dict, v: int, depth: torch.Tensor, alpha: torch.Tensor,
+                     viewmats: torch.Tensor, Ks: torch.Tensor, flow_targets: dict,
+                     render_virtual: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 2's regularisers for a step on input view ``v``: ``(disparity TV, flow loss)``, unweighted.
+
+    Args:
+        model, g: the model and its :meth:`~CoherentModel.gaussians` of this step.
+        depth, alpha: ``[H, W]`` expected depth and opacity rendered in view ``v``.
+        viewmats, Ks: ``[V, 4, 4]`` world -> camera and ``[V, 3, 3]`` of the input views.
+        flow_targets: as built by :func:`build_model`.
+        render_virtual: world -> camera ``[4, 4]`` -> ``(depth [H, W], alpha [H, W])`` of ``g`` seen
+            by a camera of view ``v``'s intrinsics there; called (once) only when ``tv_lambda > 0``.
+    """
+    K_views = model.num_views
+    tv = tv_loss(1.0 / depth.clamp(min=1e-6), alpha)
+    if model.opts.tv_lambda > 0:  # a virtual view between this input camera and another
+        other = (v + 1 + int(torch.randint(K_views - 1, ()))) % K_views
+        c2w = interpolate_pose(torch.linalg.inv(viewmats[v]), torch.linalg.inv(viewmats[other]), float(torch.rand(())))
+        d2, a2 = render_virtual(torch.linalg.inv(c2w))
+        tv = tv + tv_loss(1.0 / d2.clamp(min=1e-6), a2)
+    means = list(torch.split(g["means"], model.counts))
+    return tv, flow_loss(means, viewmats, Ks, flow_targets)
 
 
 def _render(cfg: SplatConfig, g: dict, viewmat: torch.Tensor, K: torch.Tensor, W: int, H: int, sh_degree: int,
@@ -193,23 +255,20 @@ def train_step(cfg: SplatConfig, st: CoherentState, step: int) -> dict[str, torc
     from splatting.trainer import view_index
 
     c, m = cfg.coherent, st.model
-    K_views = m.num_views
-    v = view_index(cfg, step, K_views)
+    v = view_index(cfg, step, m.num_views)
     H, W = st.images[v].shape[:2]
     sh_degree = min(step // cfg.model.sh_degree_interval, cfg.model.sh_degree)
     g = m.gaussians()
     rgb, alpha, depth, _ = _render(cfg, g, st.viewmats[v], st.Ks[v], W, H, sh_degree, st.background)
     l1 = (rgb[0] - st.images[v]).abs().mean()
     d_ssim = ssim_loss(rgb[0], st.images[v])
-    tv = tv_loss(1.0 / depth[0, ..., 0].clamp(min=1e-6), alpha[0, ..., 0])
-    if c.tv_lambda > 0:  # a virtual view between this input camera and another
-        other = (v + 1 + int(torch.randint(K_views - 1, ()))) % K_views
-        c2w = interpolate_pose(torch.linalg.inv(st.viewmats[v]), torch.linalg.inv(st.viewmats[other]),
-                               float(torch.rand(())))
-        _, a2, d2, _ = _render(cfg, g, torch.linalg.inv(c2w), st.Ks[v], W, H, sh_degree, st.background)
-        tv = tv + tv_loss(1.0 / d2[0, ..., 0].clamp(min=1e-6), a2[0, ..., 0])
-    means = list(torch.split(g["means"], m.counts))
-    fl = flow_loss(means, st.viewmats, st.Ks, st.flow_targets)
+
+    def render_virtual(viewmat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _, a2, d2, _ = _render(cfg, g, viewmat, st.Ks[v], W, H, sh_degree, st.background)
+        return d2[0, ..., 0], a2[0, ..., 0]
+
+    tv, fl = coherence_losses(m, g, v, depth[0, ..., 0], alpha[0, ..., 0], st.viewmats, st.Ks, st.flow_targets,
+                              render_virtual)
     loss = (1 - cfg.optim.ssim_lambda) * l1 + cfg.optim.ssim_lambda * d_ssim + c.tv_lambda * tv + c.flow_lambda * fl
     st.optimizer.zero_grad(set_to_none=True)
     loss.backward()

@@ -413,3 +413,13 @@ def test_llff_one_command_views_3_then_eval_view_and_resume(scene_root, tmp_path
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert "stage 1" not in r2.stdout + r2.stderr  # resumed after the alignment
     assert json.loads((out / "metrics.json").read_text())["step"] == 30
+
+
+def test_missing_depth_and_flow_files_stop_before_any_work(scene_root, tmp_path):
+    for sets, message in ((["coherent.depth_source=folder", f"coherent.depth_folder={tmp_path / 'none'}"],
+                           r"coherent.depth_folder=.*none: folder not found"),
+                          (["coherent.depth_source=model", f"coherent.depth_model={tmp_path / 'd.onnx'}"],
+                           r"coherent.depth_model=.*d.onnx: file not found"),
+                          ([f"coherent.flow_model={tmp_path / 'f.pt'}"], r"coherent.flow_model=.*f.pt: file not found")):
+        with pytest.raises(DataError, match=message):
+            build(config(scene_root, *sets))
