@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--config {config_path}: file not found")
     try:
         task = get_task(task_name_of(config_path, args.overrides))
+        if args.views is not None and task.name != "splatting":
+            raise ConfigError(f"--views {args.views}: only splatting runs train on a number of views; "
+                              f"{config_path} is a {task.name} config")
         cfg = load_config(config_path, task.config_cls, args.overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -287,6 +287,12 @@ def _lpips(cfg: SplatConfig, device: torch.device) -> LPIPS | None:
     return default_lpips(device)
 
 
+def run_record(step: int, elapsed_s: float, cfg: SplatConfig) -> dict:
+    """What every splatting checkpoint holds besides its model: step, time, RNG states, config, format."""
+    return {"step": step, "elapsed_s": elapsed_s, "rng": [get_rng_state()], "config": config_to_dict(cfg),
+            "format": FORMAT_VERSION}
+
+
 def _save_checkpoint(ckpts: CheckpointManager, step: int, ts: "TrainState", cfg: SplatConfig, elapsed_s: float) -> Path:
     state = {
         "model": {k: v.detach().cpu() for k, v in ts.params.items()},
@@ -296,11 +302,7 @@ def _save_checkpoint(ckpts: CheckpointManager, step: int, ts: "TrainState", cfg:
                      for k, v in ts.strategy_state.items()},
         **({} if ts.compact is None else {"compact": ts.compact.state_dict(),
                                           "compact_optimizer": ts.compact_optimizer.state_dict()}),
-        "step": step,
-        "elapsed_s": elapsed_s,
-        "rng": [get_rng_state()],
-        "config": config_to_dict(cfg),
-        "format": FORMAT_VERSION,
+        **run_record(step, elapsed_s, cfg),
     }
     return ckpts.save(step, state)
 

@@ -62,6 +62,8 @@ CASES = [
     BadInput("yaml-syntax", lambda t: train(t, "task: toy\ntrain: {max_steps: 2\n"), r"c\.yaml: not valid YAML"),
     BadInput("yaml-top-level-list", lambda t: train(t, "- task\n- toy\n"), r"c\.yaml: the top level must be a mapping"),
     BadInput("unknown-key", lambda t: train(t, TOY + "model: {widht: 3}\n"), r"c\.yaml: unknown key 'model\.widht'"),
+    BadInput("views-not-splatting", lambda t: train(t, TOY, "--views", "3"),
+             r"--views 3: only splatting runs train on a number of views; .*c\.yaml is a toy config"),
     BadInput("wrong-type", lambda t: train(t, TOY.replace("max_steps: 2", "max_steps: ten")),
              r"c\.yaml.*train\.max_steps.*int"),
     BadInput("missing-base", lambda t: train(t, "_base_: nowhere.yaml\n" + TOY),

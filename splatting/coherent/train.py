@@ -32,9 +32,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from perception3d.config import config_to_dict
-from perception3d.engine.checkpoint import FORMAT_VERSION, CheckpointManager
-from perception3d.engine.data import get_rng_state, seed_everything, set_rng_state
+from perception3d.engine.checkpoint import CheckpointManager
+from perception3d.engine.data import seed_everything, set_rng_state
 from perception3d.engine.logger import RunLogger
 from perception3d.errors import ConfigError, DataError
 from perception3d.io.atomic import atomic_path, atomic_write_text
@@ -287,17 +286,15 @@ def snapshot(st: CoherentState) -> Gaussians:
 
 def _save_checkpoint(ckpts: CheckpointManager, step: int, st: CoherentState, cfg: SplatConfig,
                      elapsed_s: float) -> Path:
+    from splatting.trainer import run_record
+
     g = snapshot(st)
     state = {
         "model": {"means": g.means.cpu(), "quats": g.quats.cpu(), "scales": g.scales_log.cpu(),
                   "opacities": g.opacities_logit.cpu(), "sh0": g.sh0.cpu(), "shN": g.shN.cpu()},
         "coherent": {k: v.detach().cpu() for k, v in st.model.state_dict().items()},
         "optimizer": st.optimizer.state_dict(),
-        "step": step,
-        "elapsed_s": elapsed_s,
-        "rng": [get_rng_state()],
-        "config": config_to_dict(cfg),
-        "format": FORMAT_VERSION,
+        **run_record(step, elapsed_s, cfg),
     }
     return ckpts.save(step, state)
 
