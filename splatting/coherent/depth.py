@@ -36,20 +36,24 @@ import torch
 import torch.nn.functional as F
 
 from perception3d.errors import DataError
-from splatting.coherent.flow import sample_map
+from splatting.coherent.flow import pixel_grid, sample_map
 from splatting.coherent.nets import IMAGENET_MEAN, IMAGENET_STD, load_net
 
 __all__ = ["InitialDepth", "initial_depths", "plane_sweep", "geometric_consistency", "fill_and_smooth",
            "align_disparity", "depth_range_from_flow", "read_depth_folder", "model_disparity", "pixel_rays",
-           "project"]
+           "rays_through", "project"]
+
+
+def rays_through(uv: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """Camera-frame rays ``[..., 3]`` through pixel positions ``uv [..., 2]``, scaled to z = 1 (so
+    ``depth * ray`` is the point at z-depth ``depth``)."""
+    return torch.stack([(uv[..., 0] - K[0, 2]) / K[0, 0], (uv[..., 1] - K[1, 2]) / K[1, 1],
+                        torch.ones_like(uv[..., 0])], -1)
 
 
 def pixel_rays(K: torch.Tensor, H: int, W: int) -> torch.Tensor:
-    """Camera-frame rays ``[H, W, 3]`` through the pixel centres, scaled to z = 1 (so ``depth * ray``
-    is the point at z-depth ``depth``)."""
-    ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float32) + 0.5, torch.arange(W, dtype=torch.float32) + 0.5,
-                            indexing="ij")
-    return torch.stack([(xs - K[0, 2]) / K[0, 0], (ys - K[1, 2]) / K[1, 1], torch.ones_like(xs)], -1)
+    """:func:`rays_through` the ``H x W`` pixel centres: ``[H, W, 3]``."""
+    return rays_through(pixel_grid(H, W), K)
 
 
 def project(points: torch.Tensor, viewmat: torch.Tensor, K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,8 +127,7 @@ def plane_sweep(images: torch.Tensor, viewmats: torch.Tensor, Ks: torch.Tensor, 
 
 def _backproject(depth: torch.Tensor, uv: torch.Tensor, viewmat: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
     """World points of pixel positions ``uv [..., 2]`` at z-depth ``depth [...]`` of a camera."""
-    cam = torch.stack([(uv[..., 0] - K[0, 2]) / K[0, 0], (uv[..., 1] - K[1, 2]) / K[1, 1],
-                       torch.ones_like(depth)], -1) * depth[..., None]
+    cam = rays_through(uv, K) * depth[..., None]
     c2w = torch.linalg.inv(viewmat)
     return cam @ c2w[:3, :3].T + c2w[:3, 3]
 
@@ -134,8 +137,7 @@ def geometric_consistency(depths: torch.Tensor, viewmats: torch.Tensor, Ks: torc
     """``int [V, H, W]``: in how many other views each pixel's depth is confirmed (reprojected into the
     other view at that view's depth and back, it lands within ``max_px`` and ``max_rel`` of itself)."""
     V, H, W = depths.shape
-    ys, xs = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing="ij")
-    grid = torch.stack([xs, ys], -1).float()
+    grid = pixel_grid(H, W)
     count = torch.zeros(V, H, W, dtype=torch.int64)
     for r in range(V):
         X = _backproject(depths[r], grid, viewmats[r], Ks[r])
@@ -193,8 +195,7 @@ def depth_range_from_flow(flows: dict, viewmats: torch.Tensor, Ks: torch.Tensor,
         DataError: a view has fewer than 50 usable matches (no overlap with the other views)."""
     V = len(viewmats)
     zs: list[list[torch.Tensor]] = [[] for _ in range(V)]
-    ys, xs = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing="ij")
-    grid = torch.stack([xs, ys], -1).float()
+    grid = pixel_grid(H, W)
     cos_min = math.cos(math.radians(min_angle_deg))
     for (i, j), (flow, mask) in flows.items():
         m = torch.from_numpy(mask)

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from perception3d.errors import DataError
 
-__all__ = ["optical_flow", "forward_backward_mask", "textured", "epipolar_distance", "sample_map", "pair_flows"]
+__all__ = ["optical_flow", "forward_backward_mask", "textured", "epipolar_distance", "sample_map", "pixel_grid",
+           "pair_flows"]
 
 
 def _grey_uint8(image: np.ndarray) -> np.ndarray:
@@ -79,9 +80,11 @@ def sample_map(values: torch.Tensor, xy: torch.Tensor, mode: str = "bilinear") -
     return out[0, :, :, 0].T.reshape(*xy.shape[:-1], C)
 
 
-def _pixel_grid(H: int, W: int) -> torch.Tensor:
-    ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float32) + 0.5, torch.arange(W, dtype=torch.float32) + 0.5,
-                            indexing="ij")
+def pixel_grid(h: int, w: int, stride: int = 1) -> torch.Tensor:
+    """``float32 [h, w, 2]``: the (x, y) pixel positions of the centres of an ``h x w`` grid of
+    ``stride`` x ``stride`` pixel blocks (stride 1: the pixel centres, ``u + 0.5``)."""
+    ys, xs = torch.meshgrid((torch.arange(h, dtype=torch.float32) + 0.5) * stride,
+                            (torch.arange(w, dtype=torch.float32) + 0.5) * stride, indexing="ij")
     return torch.stack([xs, ys], -1)
 
 
@@ -91,7 +94,7 @@ def forward_backward_mask(forward: np.ndarray, backward: np.ndarray, alpha: floa
     (see the module docstring); pixels whose flow leaves the image fail it."""
     H, W = forward.shape[:2]
     f = torch.from_numpy(np.asarray(forward, np.float32))
-    grid = _pixel_grid(H, W)
+    grid = pixel_grid(H, W)
     land = grid + f
     b = sample_map(torch.from_numpy(np.asarray(backward, np.float32)).permute(2, 0, 1), land)
     err = ((f + b) ** 2).sum(-1)
@@ -117,7 +120,7 @@ def epipolar_distance(flow: np.ndarray, viewmat_a: torch.Tensor, K_a: torch.Tens
     R, t = rel[:3, :3], rel[:3, 3]
     tx = torch.tensor([[0.0, -t[2], t[1]], [t[2], 0.0, -t[0]], [-t[1], t[0], 0.0]], dtype=torch.float64)
     Fm = torch.linalg.inv(K_b.double()).T @ tx @ R @ torch.linalg.inv(K_a.double())
-    p = torch.cat([_pixel_grid(H, W).double(), torch.ones(H, W, 1, dtype=torch.float64)], -1)
+    p = torch.cat([pixel_grid(H, W).double(), torch.ones(H, W, 1, dtype=torch.float64)], -1)
     q = torch.cat([p[..., :2] + torch.from_numpy(np.asarray(flow, np.float64)), p[..., 2:]], -1)
     line = p @ Fm.T  # l = F p in b
     return ((q * line).sum(-1).abs() / line[..., :2].norm(dim=-1).clamp(min=1e-12)).float().numpy()

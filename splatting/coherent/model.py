@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from perception3d.errors import ConfigError
+from splatting.coherent.depth import rays_through
+from splatting.coherent.flow import pixel_grid
 from splatting.sh import num_sh_bases, rgb_to_sh0
 
 __all__ = ["CoherentOptions", "CoherentModel", "depth_layers", "positional_code", "tv_loss"]
@@ -200,11 +202,10 @@ class CoherentModel(torch.nn.Module):
             H, W = img.shape[:2]
             h, w = H // s, W // s
             self.sizes.append((h, w))
-            ys, xs = torch.meshgrid((torch.arange(h) + 0.5) * s, (torch.arange(w) + 0.5) * s, indexing="ij")
+            centres = pixel_grid(h, w, s)
             K = K.float()
-            rays = torch.stack([(xs - K[0, 2]) / K[0, 0], (ys - K[1, 2]) / K[1, 1], torch.ones_like(xs)], -1)
-            rays = rays.reshape(-1, 3) @ c2w[:3, :3].float().T
-            iy, ix = (ys - 0.5).long().clamp(max=H - 1), (xs - 0.5).long().clamp(max=W - 1)
+            rays = rays_through(centres, K).reshape(-1, 3) @ c2w[:3, :3].float().T
+            ix, iy = ((centres - 0.5).long()).unbind(-1)  # the pixel at (or just before) the block's centre
             d0 = torch.from_numpy(np.asarray(depth, np.float32))[iy, ix]
             layer = torch.from_numpy(depth_layers(d0.numpy(), opts.layers, opts.layer_edge))
             code = positional_code(h, w, opts.code_frequencies)

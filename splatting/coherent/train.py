@@ -38,7 +38,7 @@ from perception3d.engine.logger import RunLogger
 from perception3d.errors import ConfigError, DataError
 from perception3d.io.atomic import atomic_path, atomic_write_text
 from splatting.coherent.depth import InitialDepth, initial_depths, project
-from splatting.coherent.flow import pair_flows, sample_map
+from splatting.coherent.flow import pair_flows, pixel_grid, sample_map
 from splatting.coherent.model import CoherentModel, CoherentOptions, tv_loss
 from splatting.coherent.nets import load_net
 from splatting.config import SplatConfig
@@ -74,8 +74,7 @@ def _flow_targets(model: CoherentModel, flows: dict, device: torch.device) -> di
     out = {}
     for (i, j), (flow, mask) in flows.items():
         h, w = model.sizes[i]
-        ys, xs = torch.meshgrid((torch.arange(h) + 0.5) * s, (torch.arange(w) + 0.5) * s, indexing="ij")
-        centres = torch.stack([xs, ys], -1).reshape(-1, 2).float()
+        centres = pixel_grid(h, w, s).reshape(-1, 2)
         f = sample_map(torch.from_numpy(flow).permute(2, 0, 1), centres)
         ok = sample_map(torch.from_numpy(mask.astype(np.float32))[None], centres, mode="nearest")[:, 0] > 0.5
         idx = torch.nonzero(ok)[:, 0]
