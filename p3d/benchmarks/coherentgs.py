@@ -9,8 +9,8 @@ their held-out metrics:
 * ``s_train``: CoherentGS's wall time (set-up: flow and plane sweep; stage 1; stage 2), and
   ``s_train_vanilla``; ``gaussians_*``; ``fps_*``: held-out rendering speed;
 * the runs stay in ``outputs/bench_coherentgs/{coherentgs,vanilla}`` (reports, renders), and
-  ``outputs/bench_coherentgs/depth_side_by_side.png`` shows, per held-out view, the ground truth,
-  then each method's render and rendered depth (CoherentGS above, vanilla below).
+  ``outputs/bench_coherentgs/depth_side_by_side.png`` shows one row per held-out view: the ground
+  truth, then CoherentGS's render and rendered depth, then vanilla's.
 
 ``repeats`` is ignored: each training runs once (minutes). ``quick``: a tiny scene and 20 steps,
 in a temporary folder.
@@ -44,7 +44,7 @@ def _train(name: str, out: Path, overrides: list[str]) -> tuple[dict, float]:
 
 
 def side_by_side(coherent_run: Path, vanilla_run: Path, out: Path) -> Path | None:
-    """Per held-out view (rows): ground truth | CoherentGS render | its depth, over the same for vanilla 3DGS."""
+    """One row per held-out view: ground truth | CoherentGS render, depth | vanilla 3DGS render, depth."""
     from PIL import Image
 
     from perception3d.io.atomic import atomic_path
