@@ -472,9 +472,9 @@ class SplatDataset:
     "test" = the test files' frames (the val files' when there is no test file).
 
     Sparse views (`train_views=K`): the "train" split keeps only K of its frames, those at positions
-    `round(linspace(0, n - 1, K))` (Python's round: halves to even) of its n frames in name order (the first, the last and evenly
-    spaced between: the rule of RegNeRF / FreeNeRF / CoherentGS on LLFF); the held-out split is
-    unchanged, so the views tested are never trained on.
+    `round(linspace(0, n - 1, K))` (Python's round: halves to even) of its n frames in name order
+    (the first, the last and evenly spaced between: the rule of RegNeRF / FreeNeRF / CoherentGS on
+    LLFF); the held-out split is unchanged, so the views tested are never trained on.
 
     Each image is decoded (alpha composited over `background_rgb`), undistorted at full resolution
     when the camera has distortion (to the pinhole camera with the same `K`) and cropped to the

@@ -450,12 +450,13 @@ def orbit_cameras(num_views: int, width: int, height: int, seed: int = 0, radius
                   fov_x_deg: float = 55.0, elevation_deg: tuple[float, float] = (15.0, 55.0),
                   target: Sequence[float] = (0.0, 0.0, 0.35),
                   arc_deg: float = 360.0) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Cameras on a ring (or an arc of `arc_deg` of it) of varying elevation around `target`, all looking at it.
+    """Cameras on a ring (or an arc of `arc_deg` of it) of varying elevation around `target`, all
+    looking at it.
 
     View i has azimuth `arc i / num_views` (plus a small seeded jitter), an elevation spread over
     `elevation_deg` by the golden ratio (on an arc, over the middle `arc / 360` of that range, so
-    that neighbouring views stay as close as on the ring), a distance `radius` +- 5 %, square pixels and the principal
-    point at the image centre.
+    that neighbouring views stay as close as on the ring), a distance `radius` +- 5 %, square
+    pixels and the principal point at the image centre.
 
     Returns:
         `[(camtoworld float64 [4, 4], K float64 [3, 3])]` per view.
