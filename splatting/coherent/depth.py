@@ -95,11 +95,11 @@ def plane_sweep(images: torch.Tensor, viewmats: torch.Tensor, Ks: torch.Tensor, 
         ref = grey[r][None]
         mu_r = _box(ref, window)
         var_r = (_box(ref * ref, window) - mu_r ** 2).clamp(min=0)
+        pts = c2w[:3, 3] + rays[None] / inv[:, None, None, None]  # [P, H, W, 3]: the pixels on every plane
         costs = []
         for s in range(V):
             if s == r:
                 continue
-            pts = c2w[:3, 3] + rays[None] / inv[:, None, None, None]  # [P, H, W, 3]
             uv, z = project(pts, viewmats[s], Ks[s])
             warped = sample_map(grey[s][None], uv)[..., 0]
             inside = (z > 0) & (uv[..., 0] >= 0) & (uv[..., 0] <= W) & (uv[..., 1] >= 0) & (uv[..., 1] <= H)
