@@ -181,10 +181,6 @@ def test_align_disparity_recovers_scale_and_offset_despite_outliers():
         align_disparity(src, target, np.zeros_like(src, bool))
 
 
-def _depth_opts(**kw) -> CoherentOptions:
-    return CoherentOptions(**kw)
-
-
 def test_depth_from_a_folder_is_aligned_to_the_plane_sweep(views, tmp_path):
     """Depth maps at the wrong scale (x 3, as a relative depth would be), as .npy and 16-bit .png: the
     per-view alignment brings them to the scene's scale, closer to the truth than the plane sweep."""
@@ -198,14 +194,14 @@ def test_depth_from_a_folder_is_aligned_to_the_plane_sweep(views, tmp_path):
         else:
             np.save(tmp_path / f"{Path(name).stem}.npy", d)
     flows = pair_flows([im.numpy() for im in images], viewmats=viewmats, Ks=Ks)
-    init = initial_depths(images, viewmats, Ks, flows, _depth_opts(depth_source="folder", depth_folder=str(tmp_path)),
+    init = initial_depths(images, viewmats, Ks, flows, CoherentOptions(depth_source="folder", depth_folder=str(tmp_path)),
                           names)
     hit = np.isfinite(gt)
     rel = np.abs(init.depth - gt) / gt
     assert init.source == "folder" and np.median(rel[hit]) < 0.01
     (tmp_path / f"{Path(names[1]).stem}.npy").unlink()
     with pytest.raises(DataError, match=rf"no depth for view '{names[1]}' \(expected {Path(names[1]).stem}.npy"):
-        initial_depths(images, viewmats, Ks, flows, _depth_opts(depth_source="folder", depth_folder=str(tmp_path)),
+        initial_depths(images, viewmats, Ks, flows, CoherentOptions(depth_source="folder", depth_folder=str(tmp_path)),
                        names)
 
 
@@ -245,7 +241,7 @@ def test_monocular_depth_network_from_a_local_file(views, tmp_path, suffix):
     a, b = align_disparity(out, 1.0 / np.where(hit, gt[v], 1.0), hit)
     assert a == pytest.approx(4.0, rel=0.05)
     flows = pair_flows([im.numpy() for im in images], viewmats=viewmats, Ks=Ks)
-    init = initial_depths(images, viewmats, Ks, flows, _depth_opts(depth_source="model", depth_model=str(path),
+    init = initial_depths(images, viewmats, Ks, flows, CoherentOptions(depth_source="model", depth_model=str(path),
                                                                    depth_model_input=32), [f.name for f in ds.frames])
     rel = np.abs(init.depth[v] - gt[v]) / np.where(hit, gt[v], 1.0)
     assert np.median(rel[hit]) < 0.05  # the same map for every view: only view 0's is right
